@@ -1,0 +1,160 @@
+"""The retrain flow: validate -> version -> preprocess -> train -> evaluate
+(challenger and champion on the same test split) -> gate -> register -> promote.
+Everything a reviewer needs lands in one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.evaluate import Evaluation, evaluate_task, plot_confusion_matrix, plot_learning_curves
+from tasks.gate import GateDecision, gate_task
+from tasks.preprocess import preprocess_task
+from tasks.register import get_champion, load_version, promote_task, register_task
+from tasks.train import train_task
+from tasks.validate import DataValidationError, validate_task, write_report
+from tasks.version import version_task
+from visionops.config import DEFAULT_PARAMS, load_params
+from visionops.tracking import EpochMetricsLogger, git_commit, use_experiment
+
+METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def _log_validation(report, facts, out_dir: Path) -> None:
+    for path in write_report(report, facts, out_dir):
+        mlflow.log_artifact(str(path), artifact_path="validation")
+
+
+def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: Path) -> None:
+    mlflow.log_metrics({f"{prefix}_{k}": v for k, v in evaluation.metrics.items()})
+    report_path = out_dir / f"{prefix}_classification_report.json"
+    report_path.write_text(json.dumps(evaluation.report, indent=2))
+    plot = plot_confusion_matrix(evaluation.confusion, class_names,
+                                 out_dir / f"{prefix}_confusion_matrix.png")
+    for path in (report_path, plot):
+        mlflow.log_artifact(str(path), artifact_path="evaluation")
+
+
+def _decision_markdown(challenger: Evaluation, champion: Evaluation | None,
+                       champion_version: str | None, decision: GateDecision,
+                       model_version: str, data_version: str) -> str:
+    header = f"| metric | challenger (v{model_version}) |"
+    rule = "|---|---|"
+    if champion is not None:
+        header += f" champion (v{champion_version}) |"
+        rule += "---|"
+    rows = []
+    for metric in METRICS:
+        row = f"| {metric} | {challenger.metrics[metric]:.4f} |"
+        if champion is not None:
+            row += f" {champion.metrics[metric]:.4f} |"
+        rows.append(row)
+    return "\n".join([
+        "# Retrain decision", "",
+        f"**Decision:** `{decision.decision}`", "", f"**Reason:** {decision.reason}", "",
+        f"Data version (DVC md5): `{data_version}`", "", header, rule, *rows,
+    ])
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> dict:
+    """Retrain on the dataset, compare with the champion on the same test split, and
+    promote the challenger only if the gate passes. Returns the run's summary."""
+    logger = get_run_logger()
+    params = load_params(params_path)
+    data = Path(data_dir).resolve() if data_dir else params.data_dir
+    client = MlflowClient(params.tracking_uri)
+    model_name = params.registry.model_name
+    experiment_id = use_experiment(params)
+
+    with mlflow.start_run(experiment_id=experiment_id,
+                          run_name=f"retrain-{flow_run.get_name() or 'local'}") as run, \
+            tempfile.TemporaryDirectory(prefix="visionops-") as scratch:
+        out = Path(scratch)
+        commit = git_commit(params.root)
+        mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
+                         "prefect_flow_run_id": str(flow_run.get_id())})
+        mlflow.log_params(params.flat())
+
+        try:
+            report, facts = validate_task(data, params.validation)
+        except DataValidationError as exc:
+            _log_validation(exc.report, exc.facts, out)
+            mlflow.set_tags({"decision": "data_rejected", "reason": "data validation failed"})
+            raise
+        _log_validation(report, facts, out)
+
+        version = version_task(data)
+        mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
+                         "dvc_remote": version.pushed_to or ""})
+        split_table, prepared = preprocess_task(data, facts, params.data, params.split)
+        split_path = out / "split.csv"
+        split_table.to_csv(split_path, index=False)
+        mlflow.log_artifact(str(split_path), artifact_path="data")
+        mlflow.log_params({f"n_{name}": len(getattr(prepared, name).y)
+                           for name in ("train", "val", "test")}
+                          | {"n_classes": len(prepared.class_names)})
+
+        trained = train_task(prepared, params.train, params.augment, out / "train",
+                             callbacks=[EpochMetricsLogger()])
+        mlflow.log_metric("epochs_run", trained.epochs_run)
+        for path in plot_learning_curves(trained.history, out):
+            mlflow.log_artifact(str(path), artifact_path="training")
+        mlflow.log_artifacts(str(trained.tensorboard_dir), artifact_path="tensorboard")
+
+        challenger = evaluate_task(trained.model, data, prepared.test.paths, prepared.test.y,
+                                   prepared.class_names)
+        _log_evaluation(challenger, "test", prepared.class_names, out)
+
+        champion_mv = get_champion(client, model_name)
+        champion = None
+        if champion_mv is not None:
+            champion_model, champion_classes = load_version(model_name, champion_mv.version)
+            champion = evaluate_task.with_options(name="Evaluate champion on the same split")(
+                champion_model, data, prepared.test.paths, prepared.test.y,
+                prepared.class_names, champion_classes)
+            _log_evaluation(champion, "champion_test", prepared.class_names, out)
+            mlflow.set_tag("champion_version", champion_mv.version)
+
+        decision = gate_task(challenger.metrics, champion and champion.metrics, params.gate,
+                             champion_mv and champion_mv.version)
+        mlflow.log_dict(decision.to_dict(), "gate/decision.json")
+        mlflow.set_tags({"decision": decision.decision, "reason": decision.reason})
+        logger.info("Gate: %s (%s)", decision.decision, decision.reason)
+
+        registered = register_task(trained.model, model_name, prepared.test.x[:2], {
+            "data_version": version.md5, "git_commit": commit,
+            "class_names": json.dumps(prepared.class_names),
+            "decision": decision.decision, "reason": decision.reason,
+            **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
+        })
+        if decision.promote:
+            promote_task(model_name, registered.version)
+        champion_now = get_champion(client, model_name)
+
+        create_markdown_artifact(
+            key="retrain-decision", description="Challenger vs champion and the gate decision",
+            markdown=_decision_markdown(challenger, champion, champion_mv and champion_mv.version,
+                                        decision, registered.version, version.md5))
+        return {
+            "data_version": version.md5,
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "tracking_uri": params.tracking_uri,
+            "metrics": challenger.metrics,
+            "champion_metrics": champion and champion.metrics,
+            "decision": decision.decision,
+            "reason": decision.reason,
+            "model_name": model_name,
+            "model_version": registered.version,
+            "previous_champion_version": champion_mv and champion_mv.version,
+            "champion_version": champion_now and champion_now.version,
+            "epochs_run": trained.epochs_run,
+        }

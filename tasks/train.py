@@ -1,0 +1,58 @@
+"""Train the CNN: Adam, EarlyStopping, ModelCheckpoint and TensorBoard, fixed seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.augment import make_datasets
+from tasks.preprocess import PreparedData
+from visionops.config import AugmentParams, TrainParams
+from visionops.models import build_model
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    history: dict[str, list[float]]
+    epochs_run: int
+    checkpoint: Path
+    tensorboard_dir: Path
+
+
+def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
+                work_dir: Path, callbacks: list[keras.callbacks.Callback] = (),
+                verbose: int = 2) -> TrainResult:
+    keras.utils.set_random_seed(params.seed)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = work_dir / "best.keras"
+    tensorboard_dir = work_dir / "tensorboard"
+    train_ds, val_ds = make_datasets(data.train.x, data.train.y, data.val.x, data.val.y,
+                                     params.batch_size, augment, params.seed)
+    model = build_model(params.architecture, data.input_shape, len(data.class_names))
+    model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=params.epochs, verbose=verbose,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss",
+                                          patience=params.early_stopping_patience,
+                                          restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
+            keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
+            *callbacks,
+        ],
+    )
+    return TrainResult(model=model, history=history.history,
+                       epochs_run=len(history.history["loss"]), checkpoint=checkpoint,
+                       tensorboard_dir=tensorboard_dir)
+
+
+@task(name="Train model", cache_policy=NO_CACHE)
+def train_task(data: PreparedData, params: TrainParams, augment: AugmentParams, work_dir: Path,
+               callbacks: list[keras.callbacks.Callback] = ()) -> TrainResult:
+    return train_model(data, params, augment, work_dir, callbacks)

@@ -1,0 +1,169 @@
+"""Validate an image folder: a table of per-image facts checked by a
+great-expectations suite. Any failure names the offending files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from visionops.config import ValidationParams
+from visionops.images import FACT_COLUMNS, class_names, image_facts, iter_image_files
+
+MAX_FILES_IN_MESSAGE = 20
+
+
+@dataclass
+class CheckFailure:
+    check: str
+    offenders: list[str]  # "path: reason" for files, "label/: reason" for class folders
+
+
+@dataclass
+class ValidationReport:
+    data_dir: str
+    n_images: int
+    n_classes: int
+    checks: list[str] = field(default_factory=list)
+    failures: list[CheckFailure] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"success": self.success, **asdict(self)}
+
+    def describe(self) -> str:
+        if self.success:
+            return (f"{self.data_dir}: {self.n_images} images in {self.n_classes} classes "
+                    f"passed {len(self.checks)} checks")
+        lines = [f"{self.data_dir}: data validation failed"]
+        for failure in self.failures:
+            lines.append(f"  {failure.check}:")
+            lines += [f"    {item}" for item in failure.offenders[:MAX_FILES_IN_MESSAGE]]
+            if len(failure.offenders) > MAX_FILES_IN_MESSAGE:
+                lines.append(f"    ... and {len(failure.offenders) - MAX_FILES_IN_MESSAGE} more")
+        return "\n".join(lines)
+
+
+class DataValidationError(Exception):
+    def __init__(self, report: ValidationReport, facts: pd.DataFrame):
+        super().__init__(report.describe())
+        self.report = report
+        self.facts = facts
+
+
+def collect_facts(data_dir: Path) -> pd.DataFrame:
+    rows = [image_facts(data_dir, path, label) for path, label in iter_image_files(data_dir)]
+    return pd.DataFrame(rows, columns=FACT_COLUMNS)
+
+
+def class_counts(data_dir: Path, facts: pd.DataFrame) -> pd.DataFrame:
+    """Images per class folder, including folders that hold no image at all."""
+    counts = facts.groupby("label").size().reindex(class_names(data_dir), fill_value=0)
+    return pd.DataFrame({"label": counts.index, "images": counts.to_numpy()})
+
+
+def _image_suite(rules: ValidationParams):
+    import great_expectations as gx
+
+    expect = gx.expectations
+    return [
+        ("decodable", expect.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
+         lambda row: f"not a decodable image ({row['error']})"),
+        ("allowed format",
+         expect.ExpectColumnValuesToBeInSet(column="format", value_set=rules.allowed_formats),
+         lambda row: f"format {row['format']} is not one of {rules.allowed_formats}"),
+        ("allowed mode",
+         expect.ExpectColumnValuesToBeInSet(column="mode", value_set=rules.allowed_modes),
+         lambda row: f"mode {row['mode']} is not one of {rules.allowed_modes}"),
+        *[(f"{side} within bounds",
+           expect.ExpectColumnValuesToBeBetween(column=side, min_value=rules.min_side,
+                                                max_value=rules.max_side),
+           lambda row, side=side: (f"{side} {row[side]} px is outside "
+                                   f"[{rules.min_side}, {rules.max_side}]"))
+          for side in ("width", "height")],
+        ("unique content", expect.ExpectColumnValuesToBeUnique(column="sha256"),
+         lambda row: f"same content as another file (sha256 {row['sha256'][:12]}...)"),
+    ]
+
+
+def _class_suite(rules: ValidationParams):
+    import great_expectations as gx
+
+    return [
+        ("minimum images per class",
+         gx.expectations.ExpectColumnValuesToBeBetween(column="images",
+                                                       min_value=rules.min_images_per_class),
+         lambda row: f"{row['images']} images, fewer than {rules.min_images_per_class}"),
+    ]
+
+
+def _run_suite(name: str, table: pd.DataFrame, key: str, checks, fmt_key) -> list[CheckFailure]:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (context.data_sources.add_pandas(name).add_dataframe_asset(name)
+             .add_batch_definition_whole_dataframe(name)
+             .get_batch(batch_parameters={"dataframe": table}))
+    suite = gx.ExpectationSuite(name=name)
+    for _, expectation, _ in checks:
+        suite.add_expectation(expectation)
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE",
+                                                  "unexpected_index_column_names": [key]})
+    by_key = table.set_index(key, drop=False)
+    failures = []
+    for (check, _, reason), outcome in zip(checks, result.results, strict=True):
+        if outcome.success:
+            continue
+        keys = sorted({item[key] for item in outcome.result.get("unexpected_index_list") or []})
+        failures.append(CheckFailure(check, [f"{fmt_key(k)}: {reason(by_key.loc[k])}"
+                                             for k in keys]))
+    return failures
+
+
+def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams
+                   ) -> ValidationReport:
+    counts = class_counts(data_dir, facts)
+    report = ValidationReport(data_dir=str(data_dir), n_images=len(facts), n_classes=len(counts))
+    image_checks, class_checks = _image_suite(rules), _class_suite(rules)
+    report.checks = [name for name, _, _ in image_checks + class_checks]
+    if counts.empty or facts.empty:
+        report.failures.append(CheckFailure(
+            "images present", [f"{data_dir}: no images found in <label>/<image> folders"]))
+        return report
+    report.failures += _run_suite("images", facts, "path", image_checks, str)
+    report.failures += _run_suite("classes", counts, "label", class_checks, lambda k: f"{k}/")
+    return report
+
+
+def validate_dataset(data_dir: Path, rules: ValidationParams
+                     ) -> tuple[ValidationReport, pd.DataFrame]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: dataset folder not found")
+    facts = collect_facts(data_dir)
+    return validate_facts(data_dir, facts, rules), facts
+
+
+def write_report(report: ValidationReport, facts: pd.DataFrame, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path, facts_path = out_dir / "validation.json", out_dir / "image_facts.csv"
+    report_path.write_text(json.dumps(report.to_dict(), indent=2))
+    facts.to_csv(facts_path, index=False)
+    return [report_path, facts_path]
+
+
+@task(name="Validate images")
+def validate_task(data_dir: Path, rules: ValidationParams) -> tuple[ValidationReport, pd.DataFrame]:
+    """Stops the flow with DataValidationError before anything is trained."""
+    report, facts = validate_dataset(data_dir, rules)
+    if not report.success:
+        raise DataValidationError(report, facts)
+    return report, facts

@@ -1,0 +1,111 @@
+"""End-to-end: the retrain flow on a tiny project, with real MLflow, DVC and Prefect."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from projects import write_params
+
+from flows.retrain import retrain
+from tasks.validate import DataValidationError
+
+
+def _client(root) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_first_run_promotes_a_champion_with_lineage(trained_project):
+    root, summary = trained_project
+    client = _client(root)
+
+    assert summary["decision"] == "first_champion"
+    champion = client.get_model_version_by_alias("tiny-digits", "champion")
+    assert str(champion.version) == str(summary["model_version"])
+    assert str(summary["champion_version"]) == str(champion.version)
+    assert champion.current_stage == "Production"
+    assert champion.tags["decision"] == "first_champion"
+
+    dvc_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["data_version"] == dvc_md5 == summary["data_version"]
+    assert champion.tags["data_version"] == dvc_md5
+    assert run.data.tags["git_commit"]
+    assert any((root / "dvc-storage").rglob("*")), "the data version was pushed to the remote"
+
+    assert run.data.params["train.epochs"] == "12"
+    assert run.data.params["gate.min_improvement"] == "0.01"
+    for metric in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        assert run.data.metrics[f"test_{metric}"] == pytest.approx(summary["metrics"][metric])
+    assert summary["metrics"]["accuracy"] >= 0.5
+    epochs = client.get_metric_history(summary["run_id"], "val_loss")
+    assert [m.step for m in epochs] == list(range(summary["epochs_run"]))
+
+    artifacts = {f.path for d in ("validation", "evaluation", "training", "gate", "data")
+                 for f in client.list_artifacts(summary["run_id"], d)}
+    assert {"validation/validation.json", "validation/image_facts.csv",
+            "evaluation/test_confusion_matrix.png", "evaluation/test_classification_report.json",
+            "training/learning_curve_loss.png", "training/learning_curve_accuracy.png",
+            "gate/decision.json", "data/split.csv"} <= artifacts
+    assert client.list_artifacts(summary["run_id"], "tensorboard")
+
+
+def test_registered_model_serves_with_its_signature(trained_project):
+    root, summary = trained_project
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tiny-digits@champion")
+    assert model.metadata.get_input_schema() is not None
+    import numpy as np
+
+    probabilities = model.predict(np.zeros((3, 28, 28, 1), dtype=np.float32))
+    assert np.asarray(probabilities).shape == (3, 4)
+
+
+def test_worse_challenger_is_rejected_and_champion_kept(trained_project):
+    root, first = trained_project
+    worse = write_params(root, {"train": {"epochs": 1, "learning_rate": 1e-5},
+                                "gate": {"min_accuracy": 0.0, "min_f1_macro": 0.0}},
+                         name="params-worse.yaml")
+
+    summary = retrain(params_path=str(worse))
+
+    assert summary["decision"] == "rejected"
+    assert "below min_improvement" in summary["reason"] and "champion kept" in summary["reason"]
+    assert str(summary["champion_version"]) == str(first["champion_version"])
+    client = _client(root)
+    assert str(client.get_model_version_by_alias("tiny-digits", "champion").version) == str(
+        first["model_version"])
+    rejected = client.get_model_version("tiny-digits", str(summary["model_version"]))
+    assert rejected.tags["decision"] == "rejected"
+    assert rejected.current_stage != "Production"
+    # The champion was re-scored on the same test split, so it scores what it scored first.
+    run = client.get_run(summary["run_id"])
+    assert run.data.metrics["champion_test_accuracy"] == pytest.approx(
+        first["metrics"]["accuracy"])
+    assert run.data.tags["champion_version"] == str(first["model_version"])
+
+
+def test_bad_image_stops_the_flow_before_training(trained_project):
+    root, first = trained_project
+    dvc_before = (root / "data.dvc").read_text()
+    bad = root / "data" / "1" / "broken.png"
+    bad.write_bytes((root / "data" / "1").glob("*.png").__next__().read_bytes()[:40])
+    try:
+        with pytest.raises(DataValidationError, match="1/broken.png"):
+            retrain(params_path=str(root / "params.yaml"))
+    finally:
+        bad.unlink()
+
+    assert (root / "data.dvc").read_text() == dvc_before
+    client = _client(root)
+    assert str(client.get_model_version_by_alias("tiny-digits", "champion").version) == str(
+        first["champion_version"])
+    failed = client.search_runs([first and client.get_run(first["run_id"]).info.experiment_id],
+                                "tags.decision = 'data_rejected'")
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    report = json.loads((root / "mlartifacts").joinpath(
+        failed[0].info.run_id, "artifacts", "validation", "validation.json").read_text())
+    assert report["success"] is False

@@ -1,0 +1,117 @@
+"""The `visionops` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from visionops.config import DEFAULT_PARAMS, ConfigError, load_params
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Keep an image-recognition model fresh: validate, retrain, gate, promote.")
+
+ParamsFile = Annotated[Path, typer.Option("--params", help="The params.yaml to use.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+DataFolder = Annotated[Path, typer.Argument(help="Image folder <label>/<image>.")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(params_file: Path):
+    try:
+        return load_params(params_file)
+    except ConfigError as exc:
+        _fail(str(exc), code=2)
+
+
+def _summary_text(summary: dict, params_file: Path) -> str:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
+    params = load_params(params_file)
+    store = summary["tracking_uri"]
+    if store.startswith("sqlite:"):
+        ui = f".venv/bin/mlflow ui --backend-store-uri {store} --port 5000"
+    else:
+        ui = f"open {store}"
+    return "\n".join([
+        "",
+        "visionops retrain: done",
+        f"  data version (DVC md5): {summary['data_version']}",
+        f"  MLflow run:             {summary['run_id']}",
+        f"  test metrics:           {metrics}",
+        f"  gate decision:          {summary['decision']}: {summary['reason']}",
+        f"  registered:             {summary['model_name']} version {summary['model_version']}",
+        f"  champion now:           version {summary['champion_version']}",
+        "",
+        "See it in the MLflow UI:",
+        f"  {ui}",
+        f"  then open http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}"
+        f"/runs/{summary['run_id']}  (models: http://127.0.0.1:5000/#/models/"
+        f"{params.registry.model_name})",
+        "See the flow run in the Prefect UI:",
+        "  .venv/bin/prefect server start   then open http://127.0.0.1:4200/runs",
+    ])
+
+
+@app.command()
+def retrain(
+    data: Annotated[Path | None, typer.Option(help="Image folder <label>/<image>.")] = None,
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    as_json: AsJson = False,
+) -> None:
+    """Run the retraining flow: validate, version, train, evaluate, gate, register, promote."""
+    _load(params_file)  # fail on a bad config before any server starts
+    from flows.retrain import retrain as retrain_flow
+    from tasks.validate import DataValidationError
+
+    try:
+        summary = retrain_flow(params_path=str(params_file), data_dir=str(data) if data else None)
+    except DataValidationError as exc:
+        _fail(f"the dataset did not pass validation; nothing was trained or promoted.\n{exc}")
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(_summary_text(summary, params_file))
+    if as_json:
+        sys.stdout.flush()
+        typer.echo(json.dumps(summary))
+
+
+@app.command()
+def validate(
+    path: DataFolder,
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    as_json: AsJson = False,
+) -> None:
+    """Check an image folder; exit 0 when it is fit for training."""
+    params = _load(params_file)
+    from tasks.validate import validate_dataset
+
+    try:
+        report, _ = validate_dataset(path, params.validation)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(report.to_dict()) if as_json else report.describe())
+    if not report.success:
+        raise typer.Exit(1)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Where to write <digit>/<file>.png.")] = Path("data"),
+    per_class: Annotated[int | None, typer.Option(help="Keep only N images per digit.")] = None,
+) -> None:
+    """Write scikit-learn's bundled handwritten digits as PNG files."""
+    from visionops.demo import write_digits
+
+    count = write_digits(out, per_class=per_class)
+    typer.echo(f"{count} demo images in {out}/<digit>/")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,156 @@
+"""The one config: `params.yaml` read into one pydantic model.
+
+Relative paths in the file are resolved against the file's own folder, so the
+same params work from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    path: Path = Path("data")
+    image_size: int = Field(28, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+
+
+class ValidationParams(_Section):
+    allowed_formats: list[Literal["PNG", "JPEG"]] = ["PNG", "JPEG"]
+    allowed_modes: list[str] = ["1", "L", "LA", "P", "RGB", "RGBA"]
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(8192, ge=1)
+    min_images_per_class: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> ValidationParams:
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
+
+
+class SplitParams(_Section):
+    seed: int = 42
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be below 0.9")
+        return self
+
+
+class AugmentParams(_Section):
+    enabled: bool = False
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = Field(0.0, ge=0, le=1)
+    zoom: float = Field(0.0, ge=0, lt=1)
+    translation: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainParams(_Section):
+    architecture: Literal["seed_cnn", "seed_cnn_bn"] = "seed_cnn"
+    batch_size: int = Field(128, ge=1, le=8192)
+    epochs: int = Field(15, ge=1, le=1000)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    early_stopping_patience: int = Field(3, ge=0)
+    seed: int = 42
+
+
+class GateParams(_Section):
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro"] = "f1_macro"
+    min_accuracy: float = Field(0.8, ge=0, le=1)
+    min_f1_macro: float = Field(0.8, ge=0, le=1)
+    min_improvement: float = Field(0.005, ge=0, le=1)
+
+
+class RegistryParams(_Section):
+    model_name: str = Field("visionops-digits", min_length=1)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: Path = Path("mlartifacts")
+    experiment_name: str = Field("visionops-retrain", min_length=1)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    split: SplitParams = SplitParams()
+    augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
+    gate: GateParams = GateParams()
+    registry: RegistryParams = RegistryParams()
+    mlflow: MlflowParams = MlflowParams()
+    root: Path = Field(Path("."), exclude=True)
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.root / self.data.path).resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str((self.root / uri[len(prefix) :]).resolve())
+        return uri
+
+    @property
+    def artifact_location(self) -> str:
+        return (self.root / self.mlflow.artifact_root).resolve().as_uri()
+
+    def flat(self) -> dict[str, str]:
+        """Every param as `section.key` -> string, for MLflow."""
+        flat = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = str(value)
+        return flat
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, **overrides: object) -> Params:
+    """Read and validate params.yaml; `overrides` are `section__key=value` pairs."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__", 1)
+        raw.setdefault(section, {})[key] = value
+    try:
+        return Params(**raw, root=path.resolve().parent)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid params\n{_describe(exc)}") from exc
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

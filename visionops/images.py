@@ -1,0 +1,64 @@
+"""Reading images: the per-image facts validation checks, and the one
+preprocessing (decode, convert, resize, scale to [0, 1]) that training,
+evaluation and prediction all share."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+FACT_COLUMNS = [
+    "path", "label", "format", "width", "height", "mode", "bytes", "sha256", "decodable", "error",
+]
+
+
+def iter_image_files(root: Path) -> Iterator[tuple[str, str]]:
+    """Yield (path relative to root, label) for every image in root/<label>/, sorted."""
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.rglob("*")):
+            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                yield file.relative_to(root).as_posix(), class_dir.name
+
+
+def class_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_facts(root: Path, relative_path: str, label: str) -> dict:
+    """What validation needs to know about one file; never raises on a bad image."""
+    raw = (root / relative_path).read_bytes()
+    facts = {
+        "path": relative_path, "label": label, "format": None, "width": None, "height": None,
+        "mode": None, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+        "decodable": False, "error": None,
+    }
+    try:
+        with Image.open(root / relative_path) as image:
+            facts.update(format=image.format, width=image.width, height=image.height,
+                         mode=image.mode)
+            image.load()
+        facts["decodable"] = True
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a fact to report
+        facts["error"] = f"{type(exc).__name__}: {exc}"
+    return facts
+
+
+def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """Decode one image into a float32 array of shape (size, size, channels) in [0, 1]."""
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    return array.reshape(image_size, image_size, channels)
+
+
+def load_images(paths: Iterable[Path], image_size: int, channels: int) -> np.ndarray:
+    arrays = [load_image(Path(p), image_size, channels) for p in paths]
+    if not arrays:
+        return np.zeros((0, image_size, image_size, channels), dtype=np.float32)
+    return np.stack(arrays)
