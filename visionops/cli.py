@@ -101,6 +101,20 @@ def validate(
         raise typer.Exit(1)
 
 
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="validate | split | train | evaluate")],
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+) -> None:
+    """Run one pipeline stage on files (what `dvc repro` calls; see dvc.yaml)."""
+    from visionops.stages import STAGES
+
+    if name not in STAGES:
+        _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}", code=2)
+    if STAGES[name](_load(params_file)) is False:
+        raise typer.Exit(1)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Where to write <digit>/<file>.png.")] = Path("data"),

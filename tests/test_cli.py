@@ -1,0 +1,78 @@
+"""The `visionops` command as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+VISIONOPS = str(Path(sys.executable).with_name("visionops"))
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(cwd / ".prefect")  # a temporary Prefect server of its own
+    return subprocess.run([VISIONOPS, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_retrain_json_ends_with_the_summary(project):
+    result = run("retrain", "--json", cwd=project)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["decision"] == "first_champion"
+    assert set(summary["metrics"]) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro"}
+    assert summary["data_version"].endswith(".dir") and summary["run_id"]
+    assert summary["reason"]
+    champion = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
+        "tiny-digits", "champion")
+    assert str(champion.version) == str(summary["model_version"]) == str(
+        summary["champion_version"])
+    assert "mlflow ui --backend-store-uri" in result.stdout
+    assert "prefect server start" in result.stdout
+
+
+def test_unknown_param_fails_at_start_naming_the_key(project):
+    params = project / "params.yaml"
+    params.write_text(params.read_text() + "\nextra_section:\n  learning_rate: 3\n")
+
+    result = run("retrain", cwd=project)
+
+    assert result.returncode == 2
+    assert "extra_section: unknown key" in result.stderr
+    assert not (project / "mlflow.db").exists()
+
+
+def test_validate_names_each_offending_file(project):
+    assert run("validate", "data", cwd=project).returncode == 0
+    (project / "data" / "2" / "notes.png").write_text("not an image")
+
+    result = run("validate", "data", "--json", cwd=project)
+
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    offenders = [item for failure in report["failures"] for item in failure["offenders"]]
+    assert any(item.startswith("2/notes.png: not a decodable image") for item in offenders)
+
+
+def test_dvc_repro_runs_the_same_stages(project):
+    (project / "dvc.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "dvc.yaml").read_text().replace(
+            "tasks/", "").replace("visionops/", ""))
+    for dep in ("validate.py", "images.py", "preprocess.py", "train.py", "augment.py",
+                "models.py", "evaluate.py"):
+        (project / dep).write_text("")  # the stage's code deps, as placeholders
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=project,
+                            env=env, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.5
+    assert (project / "dvc.lock").exists() and (project / "reports" / "model.keras").exists()

@@ -1,0 +1,72 @@
+"""The pipeline's stages as files in, files out, for `dvc repro` (see dvc.yaml).
+
+Each stage calls the same functions as the Prefect flow's tasks; only the
+registry steps (gate, register, promote) are the flow's alone, since they change
+the MLflow registry rather than produce files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from visionops.config import Params
+
+REPORTS = Path("reports")
+
+
+def _out(params: Params, *parts: str) -> Path:
+    path = params.root.joinpath(REPORTS, *parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def validate(params: Params) -> bool:
+    from tasks.validate import validate_dataset, write_report
+
+    report, facts = validate_dataset(params.data_dir, params.validation)
+    write_report(report, facts, _out(params, "validation", "x").parent)
+    print(report.describe())
+    return report.success
+
+
+def split(params: Params) -> None:
+    from tasks.preprocess import assign_splits
+
+    facts = pd.read_csv(_out(params, "validation", "image_facts.csv"))
+    assign_splits(facts, params.split).to_csv(_out(params, "split.csv"), index=False)
+
+
+def _prepared(params: Params):
+    from tasks.preprocess import prepare_data
+
+    table = pd.read_csv(_out(params, "split.csv"), dtype={"label": str})
+    return prepare_data(params.data_dir, table, params.data)
+
+
+def train(params: Params) -> None:
+    from tasks.train import train_model
+
+    result = train_model(_prepared(params), params.train, params.augment,
+                         _out(params, "train", "x").parent)
+    result.model.save(_out(params, "model.keras"))
+    _out(params, "history.json").write_text(json.dumps(result.history, indent=2))
+
+
+def evaluate(params: Params) -> None:
+    import keras
+
+    from tasks.evaluate import evaluate_model, plot_confusion_matrix
+
+    prepared = _prepared(params)
+    model = keras.models.load_model(_out(params, "model.keras"))
+    evaluation = evaluate_model(model, params.data_dir, prepared.test.paths, prepared.test.y,
+                                prepared.class_names)
+    _out(params, "metrics.json").write_text(json.dumps(evaluation.metrics, indent=2))
+    plot_confusion_matrix(evaluation.confusion, prepared.class_names,
+                          _out(params, "confusion_matrix.png"))
+
+
+STAGES = {"validate": validate, "split": split, "train": train, "evaluate": evaluate}
