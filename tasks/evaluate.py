@@ -32,8 +32,11 @@ class Evaluation:
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> Evaluation:
     labels = list(range(len(class_names)))
+    # Macro averages over the classes this split has or the model predicts: a class with
+    # no test image that is never predicted must not count as a zero.
+    present = sorted(set(y_true.tolist()) | {p for p in y_pred.tolist() if p >= 0})
     precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        y_true, y_pred, labels=present, average="macro", zero_division=0)
     metrics = {"accuracy": float(accuracy_score(y_true, y_pred)),
                "precision_macro": float(precision), "recall_macro": float(recall),
                "f1_macro": float(f1)}

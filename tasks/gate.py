@@ -52,7 +52,7 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
 
     metric = params.metric
     delta = challenger[metric] - champion[metric]
-    improved = delta >= params.min_improvement
+    improved = round(delta, 9) >= params.min_improvement  # 0.94 - 0.93 is 0.00999... in floats
     checks.append(Check(f"min_improvement_{metric}", delta, params.min_improvement, improved))
     comparison = (f"{metric} {challenger[metric]:.4f} vs champion v{champion_version} "
                   f"{champion[metric]:.4f} on the same test split ({delta:+.4f})")

@@ -53,6 +53,19 @@ def test_first_run_promotes_a_champion_with_lineage(trained_project):
     assert client.list_artifacts(summary["run_id"], "tensorboard")
 
 
+def test_flow_run_ends_with_the_decision_table_in_prefect(trained_project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, summary = trained_project
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-decision"])))
+    tables = [a.data for a in artifacts if summary["data_version"] in a.data]
+    assert tables, "no retrain-decision artifact for this data version"
+    assert "`first_champion`" in tables[0] and "| f1_macro |" in tables[0]
+
+
 def test_registered_model_serves_with_its_signature(trained_project):
     root, summary = trained_project
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

@@ -146,8 +146,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS, **overrides: object) -> Param
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in overrides.items():
-        section, key = dotted.split("__", 1)
-        raw.setdefault(section, {})[key] = value
+        section, _, key = dotted.partition("__")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: expected section__key")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping")
+        raw[section][key] = value
     try:
         return Params(**raw, root=path.resolve().parent)
     except ValidationError as exc:

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+
+from visionops.config import ConfigError, Params, load_params
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def write_params(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_load():
+    params = load_params(REPO_PARAMS)
+    assert isinstance(params, Params)
+    assert params.data.image_size == 28
+    assert params.root == REPO_PARAMS.parent
+    assert params.data_dir == REPO_PARAMS.parent / "data"
+
+
+def test_unknown_key_is_refused_and_named(tmp_path):
+    path = write_params(tmp_path, "train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert "train.epochz" in str(error.value)
+    assert "unknown key" in str(error.value)
+
+
+def test_unknown_section_is_refused(tmp_path):
+    path = write_params(tmp_path, "trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="trian: unknown key"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("train:\n  epochs: 0\n", "train.epochs"),
+    ("split:\n  test_fraction: 1.5\n", "split.test_fraction"),
+    ("data:\n  channels: 2\n", "data.channels"),
+    ("gate:\n  metric: auc\n", "gate.metric"),
+])
+def test_out_of_range_value_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as error:
+        load_params(write_params(tmp_path, text))
+    assert key in str(error.value)
+
+
+def test_split_fractions_must_leave_training_data(tmp_path):
+    path = write_params(tmp_path, "split:\n  val_fraction: 0.5\n  test_fraction: 0.45\n")
+    with pytest.raises(ConfigError, match="below 0.9"):
+        load_params(path)
+
+
+def test_relative_sqlite_uri_resolves_against_params_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    path = write_params(folder, "mlflow:\n  tracking_uri: sqlite:///mlflow.db\n")
+    monkeypatch.chdir(tmp_path)  # somewhere else than the params file
+    params = load_params(path)
+    assert params.tracking_uri == f"sqlite:///{folder.resolve()}/mlflow.db"
+
+
+def test_absolute_sqlite_and_http_uris_are_kept(tmp_path):
+    absolute = load_params(write_params(tmp_path, "mlflow:\n  tracking_uri: sqlite:////x/m.db\n"))
+    assert absolute.tracking_uri == "sqlite:////x/m.db"
+    http = load_params(write_params(tmp_path, "mlflow:\n  tracking_uri: http://host:5000\n"))
+    assert http.tracking_uri == "http://host:5000"
+
+
+def test_keyword_override(tmp_path):
+    params = load_params(REPO_PARAMS, train__epochs=2, split__seed=7)
+    assert params.train.epochs == 2
+    assert params.split.seed == 7
+    assert load_params(REPO_PARAMS).train.epochs != 2
+
+
+def test_override_is_validated():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_params(REPO_PARAMS, train__epochs=0)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write_params(tmp_path, "train: [epochs\n"))
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_params(write_params(tmp_path, "")).train == Params().train
+
+
+def test_flat_lists_every_param_by_section_and_key():
+    params = load_params(REPO_PARAMS, validation__allowed_formats=["PNG"])
+    flat = params.flat()
+    assert flat["train.epochs"] == str(params.train.epochs)
+    assert flat["validation.allowed_formats"] == "['PNG']"
+    assert flat["data.path"] == "data"
+    assert "root" not in flat
+
+
+def test_override_without_section_is_a_config_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n")
+    assert load_params(path, train__epochs=2).train.epochs == 2
+    with pytest.raises(ConfigError, match="section__key"):
+        load_params(path, epochs=2)

@@ -1,0 +1,101 @@
+import pytest
+
+from tasks.gate import FIRST_CHAMPION, PROMOTED, REJECTED, decide, gate_task
+from visionops.config import GateParams
+
+PARAMS = GateParams(metric="f1_macro", min_accuracy=0.8, min_f1_macro=0.8, min_improvement=0.01)
+
+
+def metrics(accuracy=0.9, f1_macro=0.9, **others):
+    return {"accuracy": accuracy, "f1_macro": f1_macro, "precision_macro": 0.9,
+            "recall_macro": 0.9} | others
+
+
+def test_accuracy_floor_rejects_naming_metric_and_floor():
+    decision = decide(metrics(accuracy=0.75), None, PARAMS)
+    assert decision.decision == REJECTED
+    assert not decision.promote
+    assert decision.reason == "accuracy 0.7500 is below the floor 0.8000"
+
+
+def test_both_floors_are_reported():
+    decision = decide(metrics(accuracy=0.5, f1_macro=0.4), metrics(), PARAMS, "3")
+    assert decision.decision == REJECTED
+    assert "accuracy 0.5000 is below the floor 0.8000" in decision.reason
+    assert "f1_macro 0.4000 is below the floor 0.8000" in decision.reason
+    assert [c.passed for c in decision.checks] == [False, False]
+
+
+def test_floor_applies_even_when_better_than_champion():
+    decision = decide(metrics(f1_macro=0.79), metrics(f1_macro=0.5), PARAMS, "1")
+    assert decision.decision == REJECTED
+    assert "f1_macro 0.7900 is below the floor 0.8000" in decision.reason
+
+
+def test_exactly_at_the_floor_passes():
+    assert decide(metrics(accuracy=0.8, f1_macro=0.8), None, PARAMS).decision == FIRST_CHAMPION
+
+
+def test_no_champion_and_floors_pass_makes_first_champion():
+    decision = decide(metrics(), None, PARAMS)
+    assert decision.decision == FIRST_CHAMPION
+    assert decision.promote
+    assert [c.name for c in decision.checks] == ["min_accuracy", "min_f1_macro"]
+
+
+def test_improvement_at_least_min_improvement_promotes():
+    decision = decide(metrics(f1_macro=0.95), metrics(f1_macro=0.93), PARAMS, "4")
+    assert decision.decision == PROMOTED
+    assert decision.promote
+    assert "f1_macro 0.9500 vs champion v4 0.9300" in decision.reason
+    assert "(+0.0200)" in decision.reason
+    improvement = decision.checks[-1]
+    assert improvement.name == "min_improvement_f1_macro"
+    assert improvement.value == pytest.approx(0.02)
+    assert improvement.passed
+
+
+@pytest.mark.parametrize("challenger_f1", [0.935, 0.93, 0.90])
+def test_small_or_negative_improvement_is_rejected(challenger_f1):
+    decision = decide(metrics(f1_macro=challenger_f1), metrics(f1_macro=0.93), PARAMS, "4")
+    assert decision.decision == REJECTED
+    assert not decision.promote
+    assert "below min_improvement 0.01" in decision.reason
+    assert decision.reason.endswith("champion kept")
+
+
+def test_gate_metric_param_is_respected():
+    # f1 improves a lot, accuracy not at all: only the configured metric counts
+    challenger = metrics(accuracy=0.90, f1_macro=0.99)
+    champion = metrics(accuracy=0.90, f1_macro=0.85)
+    by_f1 = decide(challenger, champion, PARAMS, "2")
+    by_accuracy = decide(challenger, champion, PARAMS.model_copy(update={"metric": "accuracy"}),
+                         "2")
+    assert by_f1.decision == PROMOTED
+    assert by_accuracy.decision == REJECTED
+    assert by_accuracy.reason.startswith("accuracy 0.9000 vs champion v2 0.9000")
+    assert by_accuracy.checks[-1].name == "min_improvement_accuracy"
+
+
+def test_precision_metric_can_gate():
+    params = PARAMS.model_copy(update={"metric": "precision_macro"})
+    decision = decide(metrics(precision_macro=0.97), metrics(precision_macro=0.9), params, "1")
+    assert decision.decision == PROMOTED
+
+
+def test_zero_min_improvement_promotes_a_tie():
+    params = PARAMS.model_copy(update={"min_improvement": 0.0})
+    assert decide(metrics(), metrics(), params, "1").decision == PROMOTED
+
+
+def test_to_dict_and_task():
+    decision = gate_task.fn(metrics(), None, PARAMS)
+    as_dict = decision.to_dict()
+    assert as_dict["decision"] == FIRST_CHAMPION
+    assert as_dict["checks"][0] == {"name": "min_accuracy", "value": 0.9, "threshold": 0.8,
+                                    "passed": True}
+
+
+def test_improvement_of_exactly_min_improvement_promotes():
+    decision = decide(metrics(f1_macro=0.94), metrics(f1_macro=0.93), PARAMS, "1")
+    assert decision.decision == PROMOTED, decision.reason

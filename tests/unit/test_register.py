@@ -1,0 +1,95 @@
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+from tasks.register import get_champion, load_version, promote, register_model
+
+NAME = "unit-digits"
+CLASSES = ["0", "1", "2"]
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A throwaway sqlite store and artifact folder; the previous tracking URI is restored."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with _use_tracking_uri(uri):
+        experiment_id = mlflow.create_experiment(
+            "unit", artifact_location=(tmp_path / "artifacts").as_uri())
+        yield MlflowClient(), experiment_id
+        mlflow.end_run()
+
+
+def tiny_model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(3, activation="softmax")])
+
+
+def sample() -> np.ndarray:
+    return np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+
+
+def register(experiment_id, model, **tags):
+    with mlflow.start_run(experiment_id=experiment_id):
+        return register_model(model, NAME, sample(),
+                              {"class_names": json.dumps(CLASSES), **tags})
+
+
+def test_register_model_creates_a_version_with_tags(tracking):
+    client, experiment_id = tracking
+    version = register(experiment_id, tiny_model(1), data_version="abc.dir")
+    assert version.name == NAME
+    assert str(version.version) == "1"
+    assert version.tags["data_version"] == "abc.dir"
+    assert json.loads(version.tags["class_names"]) == CLASSES
+    assert client.get_registered_model(NAME).name == NAME
+    assert get_champion(client, NAME) is None
+
+
+def test_get_champion_is_none_for_an_unknown_model(tracking):
+    client, _ = tracking
+    assert get_champion(client, "never-registered") is None
+
+
+def test_promote_sets_alias_and_stage_and_archives_the_previous_champion(tracking):
+    client, experiment_id = tracking
+    first = register(experiment_id, tiny_model(1))
+    second = register(experiment_id, tiny_model(2))
+    assert (str(first.version), str(second.version)) == ("1", "2")
+
+    promote(client, NAME, first.version)
+    champion = get_champion(client, NAME)
+    assert str(champion.version) == "1"
+    assert champion.current_stage == "Production"
+
+    promote(client, NAME, second.version)
+    assert str(get_champion(client, NAME).version) == "2"
+    assert client.get_model_version(NAME, "2").current_stage == "Production"
+    assert client.get_model_version(NAME, "1").current_stage == "Archived"
+    assert client.get_model_version(NAME, "1").aliases == []
+
+
+def test_load_version_returns_an_equivalent_model_and_class_names(tracking):
+    _, experiment_id = tracking
+    model = tiny_model(3)
+    version = register(experiment_id, model)
+    loaded, class_names = load_version(NAME, version.version)
+    assert class_names == CLASSES
+    assert loaded.input_shape == (None, 28, 28, 1)
+    x = sample()
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6)
+
+
+def test_load_version_without_class_names_tag(tracking):
+    client, experiment_id = tracking
+    with mlflow.start_run(experiment_id=experiment_id):
+        version = register_model(tiny_model(4), NAME, sample(), {})
+    _, class_names = load_version(NAME, version.version)
+    assert class_names is None

@@ -1,0 +1,181 @@
+import shutil
+
+import pytest
+
+from tasks.validate import DataValidationError, validate_dataset, validate_task, write_report
+from visionops.config import ValidationParams
+
+RULES = ValidationParams(min_images_per_class=3)
+
+
+def failures_by_check(report) -> dict[str, list[str]]:
+    return {failure.check: failure.offenders for failure in report.failures}
+
+
+def only_failure(data_dir, rules=RULES) -> tuple[str, list[str]]:
+    report, _ = validate_dataset(data_dir, rules)
+    assert not report.success
+    assert len(report.failures) == 1, report.describe()
+    return report.failures[0].check, report.failures[0].offenders
+
+
+def a_digit(data_dir, label="0"):
+    return sorted((data_dir / label).iterdir())[0]
+
+
+def test_clean_folder_passes(tiny_digits):
+    report, facts = validate_dataset(tiny_digits, RULES)
+    assert report.success, report.describe()
+    assert (report.n_images, report.n_classes) == (18, 3)
+    assert len(facts) == 18
+    assert "decodable" in report.checks and "unique content" in report.checks
+    assert "18 images in 3 classes passed" in report.describe()
+
+
+def test_truncated_png_is_named(tiny_digits, make_image):
+    bad = make_image(tiny_digits / "1" / "cut.png", size=(16, 16))
+    bad.write_bytes(bad.read_bytes()[:-30])
+    check, offenders = only_failure(tiny_digits)
+    assert check == "decodable"
+    assert offenders[0].startswith("1/cut.png: not a decodable image (")
+
+
+def test_zero_byte_file_is_named(tiny_digits):
+    (tiny_digits / "2" / "empty.png").write_bytes(b"")
+    check, offenders = only_failure(tiny_digits)
+    assert check == "decodable"
+    assert len(offenders) == 1
+    assert offenders[0].startswith("2/empty.png: not a decodable image")
+
+
+def test_text_with_png_extension_is_named(tiny_digits):
+    (tiny_digits / "0" / "notes.png").write_text("hello, I am text")
+    check, offenders = only_failure(tiny_digits)
+    assert check == "decodable"
+    assert offenders[0].startswith("0/notes.png: not a decodable image")
+
+
+def test_gif_saved_as_png_has_a_disallowed_format(tiny_digits, make_image):
+    make_image(tiny_digits / "0" / "anim.png", size=(16, 16), fmt="GIF")
+    check, offenders = only_failure(tiny_digits)
+    assert check == "allowed format"
+    assert offenders == ["0/anim.png: format GIF is not one of ['PNG', 'JPEG']"]
+
+
+def test_jpeg_is_refused_when_only_png_is_allowed(tiny_digits, make_image):
+    make_image(tiny_digits / "0" / "photo.jpg", size=(16, 16), mode="RGB", fmt="JPEG")
+    rules = ValidationParams(min_images_per_class=3, allowed_formats=["PNG"])
+    check, offenders = only_failure(tiny_digits, rules)
+    assert check == "allowed format"
+    assert offenders == ["0/photo.jpg: format JPEG is not one of ['PNG']"]
+
+
+def test_disallowed_mode_is_named(tiny_digits, make_image):
+    make_image(tiny_digits / "0" / "rgba.png", size=(16, 16), mode="RGBA")
+    rules = ValidationParams(min_images_per_class=3, allowed_modes=["L", "RGB"])
+    check, offenders = only_failure(tiny_digits, rules)
+    assert check == "allowed mode"
+    assert offenders[0].startswith("0/rgba.png: mode RGBA is not one of")
+
+
+def test_one_pixel_image_is_below_min_side(tiny_digits, make_image):
+    make_image(tiny_digits / "1" / "dot.png", size=(1, 1))
+    report, _ = validate_dataset(tiny_digits, RULES)
+    failures = failures_by_check(report)
+    assert set(failures) == {"width within bounds", "height within bounds"}
+    assert failures["width within bounds"] == ["1/dot.png: width 1 px is outside [8, 8192]"]
+    assert failures["height within bounds"] == ["1/dot.png: height 1 px is outside [8, 8192]"]
+
+
+def test_too_large_image_is_above_max_side(tiny_digits, make_image):
+    make_image(tiny_digits / "1" / "wide.png", size=(40, 8))
+    rules = ValidationParams(min_images_per_class=3, max_side=32)
+    check, offenders = only_failure(tiny_digits, rules)
+    assert check == "width within bounds"
+    assert offenders == ["1/wide.png: width 40 px is outside [8, 32]"]
+
+
+def test_duplicate_within_a_label_names_both_files(tiny_digits):
+    original = a_digit(tiny_digits, "1")
+    shutil.copy(original, tiny_digits / "1" / "copy.png")
+    check, offenders = only_failure(tiny_digits)
+    assert check == "unique content"
+    assert [o.split(":")[0] for o in offenders] == sorted(["1/copy.png", f"1/{original.name}"])
+    assert all("same content as another file" in o for o in offenders)
+
+
+def test_duplicate_across_labels_names_both_files(tiny_digits):
+    original = a_digit(tiny_digits, "0")
+    shutil.copy(original, tiny_digits / "2" / "mislabelled.png")
+    check, offenders = only_failure(tiny_digits)
+    assert check == "unique content"
+    assert [o.split(":")[0] for o in offenders] == [f"0/{original.name}", "2/mislabelled.png"]
+
+
+def test_class_with_too_few_images_names_the_folder(tiny_digits):
+    for extra in sorted((tiny_digits / "2").iterdir())[2:]:
+        extra.unlink()
+    check, offenders = only_failure(tiny_digits)
+    assert check == "minimum images per class"
+    assert offenders == ["2/: 2 images, fewer than 3"]
+
+
+def test_empty_class_folder_is_named(tiny_digits):
+    (tiny_digits / "7").mkdir()
+    check, offenders = only_failure(tiny_digits)
+    assert check == "minimum images per class"
+    assert offenders == ["7/: 0 images, fewer than 3"]
+
+
+def test_folder_without_images_fails(tmp_path):
+    (tmp_path / "only_text").mkdir()
+    (tmp_path / "only_text" / "a.txt").write_text("x")
+    report, _ = validate_dataset(tmp_path, RULES)
+    assert [f.check for f in report.failures] == ["images present"]
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        validate_dataset(tmp_path / "nope", RULES)
+
+
+def test_odd_file_names_pass(tiny_digits, make_image):
+    make_image(tiny_digits / "0" / "with space.png", size=(16, 16), seed=1)
+    make_image(tiny_digits / "1" / "ünïcødé_数字.png", size=(16, 16), seed=2)
+    make_image(tiny_digits / "2" / "photo.JPEG", size=(16, 16), mode="RGB", fmt="JPEG", seed=3)
+    report, facts = validate_dataset(tiny_digits, RULES)
+    assert report.success, report.describe()
+    assert {"0/with space.png", "1/ünïcødé_数字.png", "2/photo.JPEG"} <= set(facts["path"])
+
+
+def test_several_defects_are_all_reported(tiny_digits):
+    (tiny_digits / "0" / "empty.png").write_bytes(b"")
+    (tiny_digits / "9").mkdir()
+    report, _ = validate_dataset(tiny_digits, RULES)
+    failures = failures_by_check(report)
+    assert failures["decodable"][0].startswith("0/empty.png:")
+    assert failures["minimum images per class"] == ["9/: 0 images, fewer than 3"]
+
+
+def test_validate_task_raises_naming_the_file(tiny_digits):
+    (tiny_digits / "1" / "broken.png").write_text("not a png")
+    with pytest.raises(DataValidationError) as error:
+        validate_task.fn(tiny_digits, RULES)
+    assert "1/broken.png: not a decodable image" in str(error.value)
+    assert "data validation failed" in str(error.value)
+    assert not error.value.report.success
+    assert "1/broken.png" in set(error.value.facts["path"])
+
+
+def test_validate_task_returns_report_when_clean(tiny_digits):
+    report, facts = validate_task.fn(tiny_digits, RULES)
+    assert report.success
+    assert len(facts) == 18
+
+
+def test_write_report(tiny_digits, tmp_path):
+    report, facts = validate_dataset(tiny_digits, RULES)
+    paths = write_report(report, facts, tmp_path / "out")
+    assert [p.name for p in paths] == ["validation.json", "image_facts.csv"]
+    assert '"success": true' in paths[0].read_text()
+    assert len(paths[1].read_text().splitlines()) == 19

@@ -1,0 +1,98 @@
+import hashlib
+import shutil
+
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from tasks.version import content_hash, version_dataset
+
+REMOTE_CONFIG = """[core]
+    no_scm = True
+    remote = local
+['remote "local"']
+    url = ../remote
+"""
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, tiny_digits):
+    """tmp_path as a DVC repo (no git) holding data/ and a local remote in remote/."""
+    Repo.init(str(tmp_path), no_scm=True).close()
+    (tmp_path / ".dvc" / "config").write_text(REMOTE_CONFIG)
+    return tmp_path
+
+
+def object_path(store, md5):
+    return store / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def test_version_dataset_adds_and_pushes(dvc_repo):
+    version = version_dataset(dvc_repo / "data")
+    assert version.dvc_file == "data.dvc"
+    assert version.pushed_to == "local"
+    out = yaml.safe_load((dvc_repo / "data.dvc").read_text())["outs"][0]
+    assert version.md5 == out["md5"]
+    assert version.md5.endswith(".dir")
+    assert out["nfiles"] == 18
+    assert object_path(dvc_repo / "remote", version.md5).is_file()
+    an_image = next((dvc_repo / "data" / "1").iterdir())
+    image_md5 = hashlib.md5(an_image.read_bytes()).hexdigest()
+    assert object_path(dvc_repo / "remote", image_md5).is_file()
+
+
+def test_unchanged_data_keeps_its_version(dvc_repo):
+    first = version_dataset(dvc_repo / "data")
+    assert version_dataset(dvc_repo / "data").md5 == first.md5
+
+
+def test_changed_data_gets_a_new_version_and_the_old_one_is_kept(dvc_repo):
+    data = dvc_repo / "data"
+    old = version_dataset(data)
+    removed = next((data / "2").iterdir())
+    removed_md5 = hashlib.md5(removed.read_bytes()).hexdigest()
+    removed.unlink()
+    new = version_dataset(data)
+    assert new.md5 != old.md5
+    assert yaml.safe_load((dvc_repo / "data.dvc").read_text())["outs"][0]["md5"] == new.md5
+    for store in (dvc_repo / "remote", dvc_repo / ".dvc" / "cache"):
+        assert object_path(store, old.md5).is_file()
+        assert object_path(store, new.md5).is_file()
+        assert object_path(store, removed_md5).is_file()
+
+
+def test_old_version_can_be_checked_out_again(dvc_repo):
+    data = dvc_repo / "data"
+    old = version_dataset(data)
+    old_dvc_file = (dvc_repo / "data.dvc").read_text()
+    (data / "0" / "digit_0000.png").write_bytes(b"changed")
+    assert version_dataset(data).md5 != old.md5
+    (dvc_repo / "data.dvc").write_text(old_dvc_file)
+    with Repo(str(dvc_repo)) as repo:
+        repo.checkout(force=True)
+    assert content_hash(data) == old.md5
+
+
+def test_no_push_when_asked(dvc_repo):
+    version = version_dataset(dvc_repo / "data", push=False)
+    assert version.pushed_to is None
+    assert not (dvc_repo / "remote").exists()
+    assert object_path(dvc_repo / ".dvc" / "cache", version.md5).is_file()
+
+
+def test_repo_without_remote_is_versioned_but_not_pushed(dvc_repo):
+    (dvc_repo / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")
+    version = version_dataset(dvc_repo / "data")
+    assert version.dvc_file == "data.dvc"
+    assert version.pushed_to is None
+
+
+def test_folder_outside_dvc_gets_the_md5_dvc_add_would_record(dvc_repo, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("plain") / "data"
+    shutil.copytree(dvc_repo / "data", outside)
+    version = version_dataset(outside)
+    assert version.dvc_file is None
+    assert version.pushed_to is None
+    assert not outside.with_name("data.dvc").exists()
+    assert version.md5 == version_dataset(dvc_repo / "data").md5
+    assert content_hash(outside) == version.md5
