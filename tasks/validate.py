@@ -57,50 +57,104 @@ class DataValidationError(Exception):
         self.facts = facts
 
 
-def collect_facts(data_dir: Path) -> pd.DataFrame:
-    rows = [image_facts(data_dir, path, label) for path, label in iter_image_files(data_dir)]
+def collect_facts(data_dir: Path, max_side: int | None = None) -> pd.DataFrame:
+    rows = [image_facts(data_dir, path, label, max_side)
+            for path, label in iter_image_files(data_dir)]
     return pd.DataFrame(rows, columns=FACT_COLUMNS)
 
 
-def class_counts(data_dir: Path, facts: pd.DataFrame) -> pd.DataFrame:
-    """Images per class folder, including folders that hold no image at all."""
-    counts = facts.groupby("label").size().reindex(class_names(data_dir), fill_value=0)
-    return pd.DataFrame({"label": counts.index, "images": counts.to_numpy()})
+def class_table(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams) -> pd.DataFrame:
+    """One row per class: folders found (even empty ones) and expected classes (even
+    missing ones), with their image counts and imbalance against the largest class."""
+    folders = class_names(data_dir)
+    labels = sorted(set(folders) | set(rules.expected_classes or []))
+    images = facts.groupby("label").size().reindex(labels, fill_value=0)
+    return pd.DataFrame({
+        "label": labels,
+        "images": images.to_numpy(),
+        "has_folder": [label in folders for label in labels],
+        "expected": [rules.expected_classes is None or label in rules.expected_classes
+                     for label in labels],
+        "imbalance": [images.max() / n if n else float("inf") for n in images],
+    })
 
 
-def _image_suite(rules: ValidationParams):
+def _with_duplicate_counts(facts: pd.DataFrame) -> pd.DataFrame:
+    """Add how many labels share each file's content, and how many copies its label has."""
+    table = facts.copy()
+    table["labels_with_content"] = table.groupby("sha256")["label"].transform("nunique")
+    table["copies_in_label"] = table.groupby(["label", "sha256"])["path"].transform("size")
+    return table
+
+
+def _others(table: pd.DataFrame, row, same_label: bool) -> str:
+    twins = table[(table["sha256"] == row["sha256"]) & (table["path"] != row["path"])]
+    twins = twins[(twins["label"] == row["label"]) == same_label]
+    return ", ".join(twins["path"])
+
+
+def _image_suite(rules: ValidationParams, table: pd.DataFrame):
     import great_expectations as gx
 
     expect = gx.expectations
+    modes = [*rules.allowed_modes, *rules.convert_modes]
     return [
+        ("inside the dataset folder",
+         expect.ExpectColumnValuesToBeInSet(column="inside_root", value_set=[True]),
+         lambda row: row["error"]),
         ("decodable", expect.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
          lambda row: f"not a decodable image ({row['error']})"),
         ("allowed format",
          expect.ExpectColumnValuesToBeInSet(column="format", value_set=rules.allowed_formats),
          lambda row: f"format {row['format']} is not one of {rules.allowed_formats}"),
-        ("allowed mode",
-         expect.ExpectColumnValuesToBeInSet(column="mode", value_set=rules.allowed_modes),
-         lambda row: f"mode {row['mode']} is not one of {rules.allowed_modes}"),
+        ("allowed mode", expect.ExpectColumnValuesToBeInSet(column="mode", value_set=modes),
+         lambda row: (f"mode {row['mode']} is not one of {modes} (list it in "
+                      "validation.convert_modes to convert it)")),
         *[(f"{side} within bounds",
            expect.ExpectColumnValuesToBeBetween(column=side, min_value=rules.min_side,
                                                 max_value=rules.max_side),
            lambda row, side=side: (f"{side} {row[side]} px is outside "
-                                   f"[{rules.min_side}, {rules.max_side}]"))
+                                   f"[{rules.min_side}, {rules.max_side}]"
+                                   + (" (not decoded)" if row["decodable"] is None else "")))
           for side in ("width", "height")],
-        ("unique content", expect.ExpectColumnValuesToBeUnique(column="sha256"),
-         lambda row: f"same content as another file (sha256 {row['sha256'][:12]}...)"),
+        ("not blank", expect.ExpectColumnValuesToBeInSet(column="constant", value_set=[False]),
+         lambda row: "blank: every pixel has the same value"),
+        ("one label per content",
+         expect.ExpectColumnValuesToBeInSet(column="labels_with_content", value_set=[1]),
+         lambda row: (f"label conflict: same content as {_others(table, row, False)}")),
+        ("no duplicates within a label",
+         expect.ExpectColumnValuesToBeInSet(column="copies_in_label", value_set=[1]),
+         lambda row: f"duplicate of {_others(table, row, True)}"),
     ]
 
 
 def _class_suite(rules: ValidationParams):
     import great_expectations as gx
 
-    return [
+    expect = gx.expectations
+    checks = [
         ("minimum images per class",
-         gx.expectations.ExpectColumnValuesToBeBetween(column="images",
-                                                       min_value=rules.min_images_per_class),
+         expect.ExpectColumnValuesToBeBetween(column="images",
+                                              min_value=rules.min_images_per_class),
          lambda row: f"{row['images']} images, fewer than {rules.min_images_per_class}"),
     ]
+    if rules.expected_classes is not None:
+        checks += [
+            ("expected classes present",
+             expect.ExpectColumnValuesToBeInSet(column="has_folder", value_set=[True]),
+             lambda row: "expected class has no folder"),
+            ("only expected classes",
+             expect.ExpectColumnValuesToBeInSet(column="expected", value_set=[True]),
+             lambda row: f"not one of the expected classes {rules.expected_classes}"),
+        ]
+    if rules.max_class_imbalance is not None:
+        checks.append((
+            "class balance",
+            expect.ExpectColumnValuesToBeBetween(column="imbalance",
+                                                 max_value=rules.max_class_imbalance),
+            lambda row: (f"{row['images']} images: the largest class is {row['imbalance']:.1f}x "
+                         f"bigger, more than max_class_imbalance {rules.max_class_imbalance}")))
+    return checks
 
 
 def _run_suite(name: str, table: pd.DataFrame, key: str, checks, fmt_key) -> list[CheckFailure]:
@@ -130,16 +184,18 @@ def _run_suite(name: str, table: pd.DataFrame, key: str, checks, fmt_key) -> lis
 
 def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams
                    ) -> ValidationReport:
-    counts = class_counts(data_dir, facts)
-    report = ValidationReport(data_dir=str(data_dir), n_images=len(facts), n_classes=len(counts))
-    image_checks, class_checks = _image_suite(rules), _class_suite(rules)
+    classes = class_table(data_dir, facts, rules)
+    images = _with_duplicate_counts(facts)
+    report = ValidationReport(data_dir=str(data_dir), n_images=len(facts),
+                              n_classes=int(classes["has_folder"].sum()))
+    image_checks, class_checks = _image_suite(rules, images), _class_suite(rules)
     report.checks = [name for name, _, _ in image_checks + class_checks]
-    if counts.empty or facts.empty:
+    if classes.empty or facts.empty:
         report.failures.append(CheckFailure(
             "images present", [f"{data_dir}: no images found in <label>/<image> folders"]))
         return report
-    report.failures += _run_suite("images", facts, "path", image_checks, str)
-    report.failures += _run_suite("classes", counts, "label", class_checks, lambda k: f"{k}/")
+    report.failures += _run_suite("images", images, "path", image_checks, str)
+    report.failures += _run_suite("classes", classes, "label", class_checks, lambda k: f"{k}/")
     return report
 
 
@@ -148,7 +204,7 @@ def validate_dataset(data_dir: Path, rules: ValidationParams
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: dataset folder not found")
-    facts = collect_facts(data_dir)
+    facts = collect_facts(data_dir, rules.max_side)
     return validate_facts(data_dir, facts, rules), facts
 
 

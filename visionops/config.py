@@ -35,6 +35,9 @@ class ValidationParams(_Section):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(8192, ge=1)
     min_images_per_class: int = Field(5, ge=1)
+    convert_modes: list[str] = []              # accepted and converted, e.g. CMYK
+    expected_classes: list[str] | None = None  # None: any class folders
+    max_class_imbalance: float | None = Field(None, ge=1)  # largest / smallest class
 
     @model_validator(mode="after")
     def _sides_ordered(self) -> ValidationParams:

@@ -5,6 +5,8 @@ evaluation and prediction all share."""
 from __future__ import annotations
 
 import hashlib
+import io
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -13,12 +15,18 @@ from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 FACT_COLUMNS = [
-    "path", "label", "format", "width", "height", "mode", "bytes", "sha256", "decodable", "error",
+    "path", "label", "inside_root", "format", "width", "height", "mode", "bytes", "sha256",
+    "decodable", "constant", "error",
 ]
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def iter_image_files(root: Path) -> Iterator[tuple[str, str]]:
-    """Yield (path relative to root, label) for every image in root/<label>/, sorted."""
+    """Yield (path relative to root, label) for every image in root/<label>/, sorted.
+    Symlinks are listed as they are; `image_facts` says whether they stay inside root."""
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for file in sorted(class_dir.rglob("*")):
             if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
@@ -29,20 +37,34 @@ def class_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def image_facts(root: Path, relative_path: str, label: str) -> dict:
-    """What validation needs to know about one file; never raises on a bad image."""
-    raw = (root / relative_path).read_bytes()
-    facts = {
-        "path": relative_path, "label": label, "format": None, "width": None, "height": None,
-        "mode": None, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-        "decodable": False, "error": None,
-    }
+def image_facts(root: Path, relative_path: str, label: str, max_side: int | None = None) -> dict:
+    """What validation needs to know about one file; never raises on a bad image.
+
+    A file whose real path leads outside `root` is not read at all. An image whose
+    header says a side exceeds `max_side` is not decoded (`decodable` stays None), so a
+    decompression bomb is refused from its header.
+    """
+    path = root / relative_path
+    facts = dict.fromkeys(FACT_COLUMNS)
+    facts.update(path=relative_path, label=label, inside_root=_inside(path, root))
+    if not facts["inside_root"]:
+        facts["error"] = f"leads outside the dataset folder (to {path.resolve()})"
+        return facts
+    raw = path.read_bytes()
+    facts.update(bytes=len(raw), sha256=hashlib.sha256(raw).hexdigest(), decodable=False)
     try:
-        with Image.open(root / relative_path) as image:
-            facts.update(format=image.format, width=image.width, height=image.height,
-                         mode=image.mode)
-            image.load()
-        facts["decodable"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                facts.update(format=image.format, width=image.width, height=image.height,
+                             mode=image.mode)
+                if max_side is not None and max(image.size) > max_side:
+                    facts["decodable"] = None
+                    return facts
+                image.load()
+                extrema = image.getextrema()
+        bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+        facts.update(decodable=True, constant=all(low == high for low, high in bands))
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a fact to report
         facts["error"] = f"{type(exc).__name__}: {exc}"
     return facts

@@ -1,6 +1,8 @@
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tasks.validate import DataValidationError, validate_dataset, validate_task, write_report
 from visionops.config import ValidationParams
@@ -28,7 +30,8 @@ def test_clean_folder_passes(tiny_digits):
     assert report.success, report.describe()
     assert (report.n_images, report.n_classes) == (18, 3)
     assert len(facts) == 18
-    assert "decodable" in report.checks and "unique content" in report.checks
+    assert {"decodable", "one label per content", "no duplicates within a label",
+            "not blank", "inside the dataset folder"} <= set(report.checks)
     assert "18 images in 3 classes passed" in report.describe()
 
 
@@ -82,7 +85,7 @@ def test_one_pixel_image_is_below_min_side(tiny_digits, make_image):
     make_image(tiny_digits / "1" / "dot.png", size=(1, 1))
     report, _ = validate_dataset(tiny_digits, RULES)
     failures = failures_by_check(report)
-    assert set(failures) == {"width within bounds", "height within bounds"}
+    assert set(failures) == {"width within bounds", "height within bounds", "not blank"}
     assert failures["width within bounds"] == ["1/dot.png: width 1 px is outside [8, 8192]"]
     assert failures["height within bounds"] == ["1/dot.png: height 1 px is outside [8, 8192]"]
 
@@ -92,24 +95,26 @@ def test_too_large_image_is_above_max_side(tiny_digits, make_image):
     rules = ValidationParams(min_images_per_class=3, max_side=32)
     check, offenders = only_failure(tiny_digits, rules)
     assert check == "width within bounds"
-    assert offenders == ["1/wide.png: width 40 px is outside [8, 32]"]
+    assert offenders == ["1/wide.png: width 40 px is outside [8, 32] (not decoded)"]
 
 
 def test_duplicate_within_a_label_names_both_files(tiny_digits):
     original = a_digit(tiny_digits, "1")
     shutil.copy(original, tiny_digits / "1" / "copy.png")
     check, offenders = only_failure(tiny_digits)
-    assert check == "unique content"
-    assert [o.split(":")[0] for o in offenders] == sorted(["1/copy.png", f"1/{original.name}"])
-    assert all("same content as another file" in o for o in offenders)
+    assert check == "no duplicates within a label"
+    assert offenders == [f"1/copy.png: duplicate of 1/{original.name}",
+                         f"1/{original.name}: duplicate of 1/copy.png"]
 
 
 def test_duplicate_across_labels_names_both_files(tiny_digits):
     original = a_digit(tiny_digits, "0")
     shutil.copy(original, tiny_digits / "2" / "mislabelled.png")
     check, offenders = only_failure(tiny_digits)
-    assert check == "unique content"
-    assert [o.split(":")[0] for o in offenders] == [f"0/{original.name}", "2/mislabelled.png"]
+    assert check == "one label per content"
+    assert offenders == [
+        f"0/{original.name}: label conflict: same content as 2/mislabelled.png",
+        f"2/mislabelled.png: label conflict: same content as 0/{original.name}"]
 
 
 def test_class_with_too_few_images_names_the_folder(tiny_digits):
@@ -179,3 +184,89 @@ def test_write_report(tiny_digits, tmp_path):
     assert [p.name for p in paths] == ["validation.json", "image_facts.csv"]
     assert '"success": true' in paths[0].read_text()
     assert len(paths[1].read_text().splitlines()) == 19
+
+
+def test_symlink_leading_outside_the_folder_is_named_and_not_read(tiny_digits, make_image):
+    outside = make_image(tiny_digits.parent / "secret.png", seed=7)
+    (tiny_digits / "1" / "link.png").symlink_to(outside)
+    check, offenders = only_failure(tiny_digits)
+    assert check == "inside the dataset folder"
+    assert offenders == [f"1/link.png: leads outside the dataset folder (to {outside})"]
+
+
+def test_symlink_inside_the_folder_is_fine(tiny_digits, make_image):
+    target = make_image(tiny_digits / "1" / "real.png", seed=8)
+    (tiny_digits / "2" / "alias.png").symlink_to(target)
+    check, offenders = only_failure(tiny_digits)
+    assert check == "one label per content"  # a link is a second copy under another label
+
+
+def test_blank_image_is_named(tiny_digits):
+    Image.new("L", (16, 16), color=255).save(tiny_digits / "0" / "white.png")
+    check, offenders = only_failure(tiny_digits)
+    assert (check, offenders) == ("not blank",
+                                  ["0/white.png: blank: every pixel has the same value"])
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16"])
+def test_unsupported_mode_is_named_unless_converted(tiny_digits, mode):
+    fmt, name = ("JPEG", "print.jpg") if mode == "CMYK" else ("PNG", "deep.png")
+    image = Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 200) \
+        if mode == "I;16" else Image.new("CMYK", (16, 16), (10, 200, 30, 0))
+    image.putpixel((0, 0), (0, 0, 0, 255) if mode == "CMYK" else 1)
+    image.save(tiny_digits / "1" / name, format=fmt)
+    check, offenders = only_failure(tiny_digits)
+    assert check == "allowed mode"
+    assert offenders[0].startswith(f"1/{name}: mode {mode} is not one of")
+    converting = RULES.model_copy(update={"convert_modes": [mode]})
+    assert validate_dataset(tiny_digits, converting)[0].success
+
+
+def test_image_too_large_is_refused_from_its_header(tiny_digits):
+    Image.new("L", (300, 20)).save(tiny_digits / "0" / "wide.png")
+    rules = RULES.model_copy(update={"max_side": 256})
+    report, facts = validate_dataset(tiny_digits, rules)
+    assert failures_by_check(report) == {
+        "width within bounds": ["0/wide.png: width 300 px is outside [8, 256] (not decoded)"]}
+    assert facts.set_index("path").loc["0/wide.png", "decodable"] is None
+
+
+def test_decompression_bomb_is_refused_without_decoding(tiny_digits):
+    import struct
+    import zlib
+
+    # A 60000 x 60000 PNG header over a few bytes of data: decoding would need 3.6 GB.
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\0" * 1000)
+    idat_chunk = (struct.pack(">I", len(idat)) + b"IDAT" + idat
+                  + struct.pack(">I", zlib.crc32(b"IDAT" + idat)))
+    (tiny_digits / "2" / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk + idat_chunk + b"\0\0\0\0IEND\xaeB`\x82")
+    report, _ = validate_dataset(tiny_digits, RULES)
+    offenders = [o for f in report.failures for o in f.offenders]
+    assert offenders and all(o.startswith("2/bomb.png: ") for o in offenders)
+    assert any("60000" in o for o in offenders)
+
+
+def test_missing_and_unexpected_classes_are_named(tiny_digits):
+    rules = RULES.model_copy(update={"expected_classes": ["0", "1", "2", "3"]})
+    shutil.copytree(tiny_digits / "2", tiny_digits / "x")
+    for image in (tiny_digits / "x").iterdir():
+        image.rename(image.with_name("x" + image.name))
+    report, _ = validate_dataset(tiny_digits, rules)
+    failures = failures_by_check(report)
+    assert failures["expected classes present"] == ["3/: expected class has no folder"]
+    assert failures["only expected classes"] == [
+        "x/: not one of the expected classes ['0', '1', '2', '3']"]
+
+
+def test_class_imbalance_beyond_the_ratio_is_named(tiny_digits):
+    for extra in sorted((tiny_digits / "2").iterdir())[3:]:
+        extra.unlink()
+    rules = RULES.model_copy(update={"max_class_imbalance": 1.5})
+    check, offenders = only_failure(tiny_digits, rules)
+    assert check == "class balance"
+    assert offenders == ["2/: 3 images: the largest class is 2.0x bigger, more than "
+                         "max_class_imbalance 1.5"]
