@@ -27,9 +27,11 @@ from visionops.tracking import EpochMetricsLogger, git_commit, use_experiment
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
 
-def _log_validation(report, facts, out_dir: Path) -> None:
+def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
     for path in write_report(report, facts, out_dir):
         mlflow.log_artifact(str(path), artifact_path="validation")
+    if docs_dir.is_dir():
+        mlflow.log_artifacts(str(docs_dir), artifact_path="validation/data_docs")
 
 
 def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: Path) -> None:
@@ -84,12 +86,12 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         mlflow.log_params(params.flat())
 
         try:
-            report, facts = validate_task(data, params.validation)
+            report, facts = validate_task(data, params.validation, params.data_docs_dir)
         except DataValidationError as exc:
-            _log_validation(exc.report, exc.facts, out)
+            _log_validation(exc.report, exc.facts, out, params.data_docs_dir)
             mlflow.set_tags({"decision": "data_rejected", "reason": "data validation failed"})
             raise
-        _log_validation(report, facts, out)
+        _log_validation(report, facts, out, params.data_docs_dir)
 
         version = version_task(data)
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",

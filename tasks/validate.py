@@ -14,6 +14,7 @@ from visionops.config import ValidationParams
 from visionops.images import FACT_COLUMNS, class_names, image_facts, iter_image_files
 
 MAX_FILES_IN_MESSAGE = 20
+DOCS_SITE = "visionops"
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ValidationReport:
     n_classes: int
     checks: list[str] = field(default_factory=list)
     failures: list[CheckFailure] = field(default_factory=list)
+    data_docs: str | None = None  # great-expectations Data Docs index, when written
 
     @property
     def success(self) -> bool:
@@ -157,20 +159,44 @@ def _class_suite(rules: ValidationParams):
     return checks
 
 
-def _run_suite(name: str, table: pd.DataFrame, key: str, checks, fmt_key) -> list[CheckFailure]:
+def _context(docs_dir: Path | None):
+    """An in-memory great-expectations context; with `docs_dir`, its Data Docs site."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas(name).add_dataframe_asset(name)
-             .add_batch_definition_whole_dataframe(name)
-             .get_batch(batch_parameters={"dataframe": table}))
-    suite = gx.ExpectationSuite(name=name)
+    if docs_dir is not None:
+        context.add_data_docs_site(site_name=DOCS_SITE, site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+    return context
+
+
+def _run_suite(context, name: str, table: pd.DataFrame, key: str, checks, fmt_key,
+               with_docs: bool) -> list[CheckFailure]:
+    import great_expectations as gx
+
+    batch_definition = (context.data_sources.add_pandas(name).add_dataframe_asset(name)
+                        .add_batch_definition_whole_dataframe(name))
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
     for _, expectation, _ in checks:
         suite.add_expectation(expectation)
-    result = batch.validate(suite, result_format={"result_format": "COMPLETE",
-                                                  "unexpected_index_column_names": [key]})
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": [key]}
+    if with_docs:
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch_definition, suite=suite))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=name, validation_definitions=[validation], result_format=result_format,
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])]))
+        run = checkpoint.run(batch_parameters={"dataframe": table})
+        (result,) = run.run_results.values()
+    else:
+        result = batch_definition.get_batch(batch_parameters={"dataframe": table}).validate(
+            suite, result_format=result_format)
     by_key = table.set_index(key, drop=False)
     failures = []
     for (check, _, reason), outcome in zip(checks, result.results, strict=True):
@@ -182,8 +208,9 @@ def _run_suite(name: str, table: pd.DataFrame, key: str, checks, fmt_key) -> lis
     return failures
 
 
-def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams
-                   ) -> ValidationReport:
+def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams,
+                   docs_dir: Path | None = None) -> ValidationReport:
+    """Run the suites; with `docs_dir`, also write their Data Docs (HTML) there."""
     classes = class_table(data_dir, facts, rules)
     images = _with_duplicate_counts(facts)
     report = ValidationReport(data_dir=str(data_dir), n_images=len(facts),
@@ -194,18 +221,24 @@ def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams
         report.failures.append(CheckFailure(
             "images present", [f"{data_dir}: no images found in <label>/<image> folders"]))
         return report
-    report.failures += _run_suite("images", images, "path", image_checks, str)
-    report.failures += _run_suite("classes", classes, "label", class_checks, lambda k: f"{k}/")
+    context = _context(docs_dir)
+    with_docs = docs_dir is not None
+    report.failures += _run_suite(context, "images", images, "path", image_checks, str,
+                                  with_docs)
+    report.failures += _run_suite(context, "classes", classes, "label", class_checks,
+                                  lambda k: f"{k}/", with_docs)
+    if with_docs:
+        report.data_docs = str(docs_dir / "index.html")
     return report
 
 
-def validate_dataset(data_dir: Path, rules: ValidationParams
+def validate_dataset(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None
                      ) -> tuple[ValidationReport, pd.DataFrame]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: dataset folder not found")
     facts = collect_facts(data_dir, rules.max_side)
-    return validate_facts(data_dir, facts, rules), facts
+    return validate_facts(data_dir, facts, rules, docs_dir), facts
 
 
 def write_report(report: ValidationReport, facts: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -217,9 +250,10 @@ def write_report(report: ValidationReport, facts: pd.DataFrame, out_dir: Path) -
 
 
 @task(name="Validate images")
-def validate_task(data_dir: Path, rules: ValidationParams) -> tuple[ValidationReport, pd.DataFrame]:
+def validate_task(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None
+                  ) -> tuple[ValidationReport, pd.DataFrame]:
     """Stops the flow with DataValidationError before anything is trained."""
-    report, facts = validate_dataset(data_dir, rules)
+    report, facts = validate_dataset(data_dir, rules, docs_dir)
     if not report.success:
         raise DataValidationError(report, facts)
     return report, facts

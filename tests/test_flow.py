@@ -44,12 +44,14 @@ def test_first_run_promotes_a_champion_with_lineage(trained_project):
     epochs = client.get_metric_history(summary["run_id"], "val_loss")
     assert [m.step for m in epochs] == list(range(summary["epochs_run"]))
 
-    artifacts = {f.path for d in ("validation", "evaluation", "training", "gate", "data")
+    artifacts = {f.path for d in ("validation", "evaluation", "training", "gate", "data",
+                                  "validation/data_docs")
                  for f in client.list_artifacts(summary["run_id"], d)}
     assert {"validation/validation.json", "validation/image_facts.csv",
             "evaluation/test_confusion_matrix.png", "evaluation/test_classification_report.json",
             "training/learning_curve_loss.png", "training/learning_curve_accuracy.png",
-            "gate/decision.json", "data/split.csv"} <= artifacts
+            "gate/decision.json", "data/split.csv",
+            "validation/data_docs/index.html"} <= artifacts
     assert client.list_artifacts(summary["run_id"], "tensorboard")
 
 

@@ -93,10 +93,13 @@ def validate(
     from tasks.validate import validate_dataset
 
     try:
-        report, _ = validate_dataset(path, params.validation)
+        report, _ = validate_dataset(path, params.validation, params.data_docs_dir)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    typer.echo(json.dumps(report.to_dict()) if as_json else report.describe())
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(f"{report.describe()}\nData Docs: {report.data_docs}")
     if not report.success:
         raise typer.Exit(1)
 

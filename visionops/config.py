@@ -38,6 +38,7 @@ class ValidationParams(_Section):
     convert_modes: list[str] = []              # accepted and converted, e.g. CMYK
     expected_classes: list[str] | None = None  # None: any class folders
     max_class_imbalance: float | None = Field(None, ge=1)  # largest / smallest class
+    data_docs_dir: Path = Path("reports/data_docs")
 
     @model_validator(mode="after")
     def _sides_ordered(self) -> ValidationParams:
@@ -106,6 +107,10 @@ class Params(_Section):
     @property
     def data_dir(self) -> Path:
         return (self.root / self.data.path).resolve()
+
+    @property
+    def data_docs_dir(self) -> Path:
+        return (self.root / self.validation.data_docs_dir).resolve()
 
     @property
     def tracking_uri(self) -> str:

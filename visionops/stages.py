@@ -26,7 +26,7 @@ def _out(params: Params, *parts: str) -> Path:
 def validate(params: Params) -> bool:
     from tasks.validate import validate_dataset, write_report
 
-    report, facts = validate_dataset(params.data_dir, params.validation)
+    report, facts = validate_dataset(params.data_dir, params.validation, params.data_docs_dir)
     write_report(report, facts, _out(params, "validation", "x").parent)
     print(report.describe())
     return report.success

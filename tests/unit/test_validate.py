@@ -270,3 +270,13 @@ def test_class_imbalance_beyond_the_ratio_is_named(tiny_digits):
     assert check == "class balance"
     assert offenders == ["2/: 3 images: the largest class is 2.0x bigger, more than "
                          "max_class_imbalance 1.5"]
+
+
+def test_data_docs_are_written_to_the_given_folder(tiny_digits):
+    (tiny_digits / "0" / "notes.png").write_text("not an image")
+    docs = tiny_digits.parent / "docs"
+    report, _ = validate_dataset(tiny_digits, RULES, docs_dir=docs)
+    assert report.data_docs == str(docs / "index.html")
+    pages = list((docs / "validations").rglob("*.html"))
+    assert {p.parent.parent.parent.name for p in pages} == {"images", "classes"}
+    assert any("0/notes.png" in p.read_text() for p in pages)
