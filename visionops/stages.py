@@ -18,8 +18,15 @@ REPORTS = Path("reports")
 
 
 def _out(params: Params, *parts: str) -> Path:
+    """A file under reports/, its folder created."""
     path = params.root.joinpath(REPORTS, *parts)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _folder(params: Params, name: str) -> Path:
+    path = params.root / REPORTS / name
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -27,7 +34,7 @@ def validate(params: Params) -> bool:
     from tasks.validate import validate_dataset, write_report
 
     report, facts = validate_dataset(params.data_dir, params.validation, params.data_docs_dir)
-    write_report(report, facts, _out(params, "validation", "x").parent)
+    write_report(report, facts, _folder(params, "validation"))
     print(report.describe())
     return report.success
 
@@ -35,7 +42,7 @@ def validate(params: Params) -> bool:
 def split(params: Params) -> None:
     from tasks.preprocess import assign_splits
 
-    facts = pd.read_csv(_out(params, "validation", "image_facts.csv"))
+    facts = pd.read_csv(_out(params, "validation", "image_facts.csv"), dtype={"label": str})
     assign_splits(facts, params.split).to_csv(_out(params, "split.csv"), index=False)
 
 
@@ -50,7 +57,7 @@ def train(params: Params) -> None:
     from tasks.train import train_model
 
     result = train_model(_prepared(params), params.train, params.augment,
-                         _out(params, "train", "x").parent)
+                         _folder(params, "train"))
     result.model.save(_out(params, "model.keras"))
     _out(params, "history.json").write_text(json.dumps(result.history, indent=2))
 
