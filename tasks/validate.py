@@ -4,17 +4,23 @@ great-expectations suite. Any failure names the offending files."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
 from visionops.config import ValidationParams
-from visionops.images import FACT_COLUMNS, class_names, image_facts, iter_image_files
+from visionops.images import class_names, facts_table, iter_image_files
 
 MAX_FILES_IN_MESSAGE = 20
 DOCS_SITE = "visionops"
+CHUNK_SIZE = 2000  # files per worker task
+PARALLEL_MIN_FILES = 20_000  # below this, starting worker processes costs more than it saves
 
 
 @dataclass
@@ -59,10 +65,21 @@ class DataValidationError(Exception):
         self.facts = facts
 
 
-def collect_facts(data_dir: Path, max_side: int | None = None) -> pd.DataFrame:
-    rows = [image_facts(data_dir, path, label, max_side)
-            for path, label in iter_image_files(data_dir)]
-    return pd.DataFrame(rows, columns=FACT_COLUMNS)
+def collect_facts(data_dir: Path, max_side: int | None = None, workers: int | None = None
+                  ) -> pd.DataFrame:
+    """The per-image facts table. Files are read in chunks, spread over `workers`
+    processes (default: one per core) when there are enough to pay for starting them;
+    only the compact table is kept, never the images."""
+    files = list(iter_image_files(data_dir))
+    workers = workers or os.cpu_count() or 1
+    chunks = [files[i:i + CHUNK_SIZE] for i in range(0, len(files), CHUNK_SIZE)] or [[]]
+    if workers == 1 or len(files) < PARALLEL_MIN_FILES:
+        parts = [facts_table(data_dir, chunk, max_side) for chunk in chunks]
+    else:
+        # spawn, not fork: the parent may hold TensorFlow's threads.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(facts_table, repeat(data_dir), chunks, repeat(max_side)))
+    return pd.concat(parts, ignore_index=True)
 
 
 def class_table(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams) -> pd.DataFrame:

@@ -11,12 +11,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import pandas as pd
+from PIL import Image, ImageStat
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 FACT_COLUMNS = [
     "path", "label", "inside_root", "format", "width", "height", "mode", "bytes", "sha256",
-    "decodable", "constant", "error",
+    "decodable", "constant", "brightness", "error",
 ]
 
 
@@ -63,11 +64,21 @@ def image_facts(root: Path, relative_path: str, label: str, max_side: int | None
                     return facts
                 image.load()
                 extrema = image.getextrema()
+                gray = image if image.mode in ("L", "1") else image.convert("L")
+                brightness = ImageStat.Stat(gray).mean[0] / 255.0
         bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
-        facts.update(decodable=True, constant=all(low == high for low, high in bands))
+        facts.update(decodable=True, constant=all(low == high for low, high in bands),
+                     brightness=brightness)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a fact to report
         facts["error"] = f"{type(exc).__name__}: {exc}"
     return facts
+
+
+def facts_table(root: Path, files: list[tuple[str, str]], max_side: int | None = None
+                ) -> pd.DataFrame:
+    """`image_facts` for each (relative path, label), as one table."""
+    rows = [image_facts(root, path, label, max_side) for path, label in files]
+    return pd.DataFrame(rows, columns=FACT_COLUMNS)
 
 
 def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:

@@ -280,3 +280,14 @@ def test_data_docs_are_written_to_the_given_folder(tiny_digits):
     pages = list((docs / "validations").rglob("*.html"))
     assert {p.parent.parent.parent.name for p in pages} == {"images", "classes"}
     assert any("0/notes.png" in p.read_text() for p in pages)
+
+
+def test_facts_from_worker_processes_equal_the_serial_ones(tiny_digits, monkeypatch):
+    import tasks.validate as validate
+
+    serial = validate.collect_facts(tiny_digits, workers=1)
+    monkeypatch.setattr(validate, "PARALLEL_MIN_FILES", 1)
+    monkeypatch.setattr(validate, "CHUNK_SIZE", 4)
+    parallel = validate.collect_facts(tiny_digits, workers=2)
+    assert len(serial) == 18
+    assert parallel.equals(serial)
