@@ -9,11 +9,14 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
 from tasks.evaluate import Evaluation, evaluate_task, plot_confusion_matrix, plot_learning_curves
 from tasks.gate import GateDecision, gate_task
 from tasks.preprocess import preprocess_task
@@ -32,6 +35,27 @@ def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
         mlflow.log_artifact(str(path), artifact_path="validation")
     if docs_dir.is_dir():
         mlflow.log_artifacts(str(docs_dir), artifact_path="validation/data_docs")
+
+
+def _champion_facts(champion_mv, out_dir: Path) -> pd.DataFrame | None:
+    """The image facts table the champion's run recorded, if it has one."""
+    if champion_mv is None:
+        return None
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=champion_mv.run_id, artifact_path="validation/image_facts.csv",
+            dst_path=str(out_dir / "champion"))
+    except (MlflowException, OSError):
+        return None
+    return pd.read_csv(path, dtype={"label": str})
+
+
+def _log_drift(report: DriftReport, reference, facts, out_dir: Path) -> None:
+    for path in write_drift(report, reference, facts, out_dir / "drift"):
+        mlflow.log_artifact(str(path), artifact_path="drift")
+    mlflow.set_tag("drift_status", report.status)
+    mlflow.log_metrics({"drift_" + m.name.replace(" ", "_"): m.statistic
+                        for m in report.measures})
 
 
 def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: Path) -> None:
@@ -93,6 +117,19 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             raise
         _log_validation(report, facts, out, params.data_docs_dir)
 
+        champion_mv = get_champion(client, model_name)
+        reference = _champion_facts(champion_mv, out) if params.drift.enabled else None
+        if reference is not None:
+            name = f"the data of champion v{champion_mv.version}"
+            try:
+                drift = drift_task(reference, facts, params.drift, name)
+            except DataDriftError as exc:
+                _log_drift(exc.report, reference, facts, out)
+                mlflow.set_tags({"decision": "data_drift", "reason": str(exc)})
+                raise
+            _log_drift(drift, reference, facts, out)
+            logger.info(drift.describe())
+
         version = version_task(data)
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
                          "dvc_remote": version.pushed_to or ""})
@@ -115,7 +152,6 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                                    prepared.class_names)
         _log_evaluation(challenger, "test", prepared.class_names, out)
 
-        champion_mv = get_champion(client, model_name)
         champion = None
         if champion_mv is not None:
             champion_model, champion_classes = load_version(model_name, champion_mv.version)

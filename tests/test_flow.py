@@ -101,6 +101,9 @@ def test_worse_challenger_is_rejected_and_champion_kept(trained_project):
     assert run.data.metrics["champion_test_accuracy"] == pytest.approx(
         first["metrics"]["accuracy"])
     assert run.data.tags["champion_version"] == str(first["model_version"])
+    assert run.data.tags["drift_status"] == "ok"  # same data as the champion's
+    assert {f.path for f in client.list_artifacts(summary["run_id"], "drift")} == {
+        "drift/drift.json", "drift/drift.png"}
 
 
 def test_bad_image_stops_the_flow_before_training(trained_project):
@@ -124,3 +127,28 @@ def test_bad_image_stops_the_flow_before_training(trained_project):
     report = json.loads((root / "mlartifacts").joinpath(
         failed[0].info.run_id, "artifacts", "validation", "validation.json").read_text())
     assert report["success"] is False
+
+
+def test_drifted_data_stops_the_flow_before_training(trained_project, tmp_path):
+    from PIL import Image, ImageOps
+
+    from tasks.drift import DataDriftError
+
+    root, first = trained_project
+    inverted = tmp_path / "inverted"
+    for image in (root / "data").rglob("*.png"):
+        target = inverted / image.relative_to(root / "data")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(image)).save(target)
+
+    with pytest.raises(DataDriftError, match=r"brightness distribution: 1.000 \(fail\)"):
+        retrain(params_path=str(root / "params.yaml"), data_dir=str(inverted))
+
+    client = _client(root)
+    assert str(client.get_model_version_by_alias("tiny-digits", "champion").version) == str(
+        first["champion_version"])
+    experiment = client.get_run(first["run_id"]).info.experiment_id
+    (drifted,) = client.search_runs([experiment], "tags.decision = 'data_drift'")
+    assert drifted.info.status == "FAILED"
+    assert "drift/drift.json" in {f.path for f in client.list_artifacts(drifted.info.run_id,
+                                                                         "drift")}

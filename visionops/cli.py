@@ -68,12 +68,15 @@ def retrain(
     """Run the retraining flow: validate, version, train, evaluate, gate, register, promote."""
     _load(params_file)  # fail on a bad config before any server starts
     from flows.retrain import retrain as retrain_flow
+    from tasks.drift import DataDriftError
     from tasks.validate import DataValidationError
 
     try:
         summary = retrain_flow(params_path=str(params_file), data_dir=str(data) if data else None)
     except DataValidationError as exc:
         _fail(f"the dataset did not pass validation; nothing was trained or promoted.\n{exc}")
+    except DataDriftError as exc:
+        _fail(f"the dataset drifted too far; nothing was trained or promoted.\n{exc}")
     except FileNotFoundError as exc:
         _fail(str(exc))
     typer.echo(_summary_text(summary, params_file))

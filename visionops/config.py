@@ -47,6 +47,20 @@ class ValidationParams(_Section):
         return self
 
 
+class DriftParams(_Section):
+    """Thresholds on each drift statistic (0 = same distribution, 1 = disjoint)."""
+
+    enabled: bool = True
+    warn_threshold: float = Field(0.1, ge=0, le=1)
+    fail_threshold: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftParams:
+        if self.warn_threshold > self.fail_threshold:
+            raise ValueError("warn_threshold must not exceed fail_threshold")
+        return self
+
+
 class SplitParams(_Section):
     seed: int = 42
     val_fraction: float = Field(0.15, gt=0, lt=1)
@@ -96,6 +110,7 @@ class MlflowParams(_Section):
 class Params(_Section):
     data: DataParams = DataParams()
     validation: ValidationParams = ValidationParams()
+    drift: DriftParams = DriftParams()
     split: SplitParams = SplitParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
