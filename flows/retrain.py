@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
 from tasks.evaluate import Evaluation, evaluate_task, plot_confusion_matrix, plot_learning_curves
 from tasks.gate import GateDecision, gate_task
+from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
 from tasks.register import get_champion, load_version, promote_task, register_task
 from tasks.train import train_task
@@ -108,6 +109,11 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
                          "prefect_flow_run_id": str(flow_run.get_id())})
         mlflow.log_params(params.flat())
+
+        if params.landing and not data_dir:
+            ingested = ingest_task(params.landing, params)
+            mlflow.log_dict(ingested.to_dict(), "data/ingest.json")
+            logger.info(ingested.describe())
 
         try:
             report, facts = validate_task(data, params.validation, params.data_docs_dir)

@@ -85,13 +85,13 @@ def collect_facts(data_dir: Path, max_side: int | None = None, workers: int | No
 def class_table(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams) -> pd.DataFrame:
     """One row per class: folders found (even empty ones) and expected classes (even
     missing ones), with their image counts and imbalance against the largest class."""
-    folders = class_names(data_dir)
-    labels = sorted(set(folders) | set(rules.expected_classes or []))
+    present = set(class_names(data_dir)) | set(facts["label"])
+    labels = sorted(present | set(rules.expected_classes or []))
     images = facts.groupby("label").size().reindex(labels, fill_value=0)
     return pd.DataFrame({
         "label": labels,
         "images": images.to_numpy(),
-        "has_folder": [label in folders for label in labels],
+        "has_folder": [label in present for label in labels],
         "expected": [rules.expected_classes is None or label in rules.expected_classes
                      for label in labels],
         "imbalance": [images.max() / n if n else float("inf") for n in images],

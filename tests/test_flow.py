@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -152,3 +153,27 @@ def test_drifted_data_stops_the_flow_before_training(trained_project, tmp_path):
     assert drifted.info.status == "FAILED"
     assert "drift/drift.json" in {f.path for f in client.list_artifacts(drifted.info.run_id,
                                                                          "drift")}
+
+
+def test_landing_area_in_params_is_ingested_at_the_head_of_the_flow(trained_project, tmp_path):
+    from visionops.demo import write_digits
+
+    root, _ = trained_project
+    landing = tmp_path / "landing"
+    write_digits(landing, per_class=28, labels=range(4))
+    for label in landing.iterdir():
+        for old in sorted(label.iterdir())[:25]:
+            old.unlink()
+    params = write_params(root, {"ingest": {"landing": str(landing)}}, name="params-ingest.yaml")
+    before = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+
+    summary = retrain(params_path=str(params))
+
+    assert summary["data_version"] != before
+    assert summary["data_version"] == yaml.safe_load((root / "data.dvc").read_text())["outs"][0][
+        "md5"]
+    downloaded = mlflow.artifacts.download_artifacts(
+        run_id=summary["run_id"], artifact_path="data/ingest.json", dst_path=str(tmp_path),
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    ingested = json.loads(Path(downloaded).read_text())
+    assert len(ingested["accepted"]) == 12

@@ -108,6 +108,35 @@ def validate(
 
 
 @app.command()
+def ingest(
+    source: Annotated[str | None, typer.Argument(
+        help="Landing area: a folder or s3://bucket/prefix holding <label>/<file>. "
+             "Default: ingest.landing in params.yaml.")] = None,
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    as_json: AsJson = False,
+) -> None:
+    """Validate new images from a landing area, add them to the dataset, re-version it."""
+    params = _load(params_file)
+    source = source or params.landing
+    if source is None:
+        _fail("no landing area: give SOURCE or set ingest.landing in params.yaml", code=2)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tasks.ingest import ingest as ingest_batch
+
+    try:
+        result = ingest_batch(source, params)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except (BotoCoreError, ClientError) as exc:
+        _fail(f"{source}: {exc}\n(S3 endpoint and credentials come from AWS_ENDPOINT_URL, "
+              "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the AWS profile)")
+    typer.echo(json.dumps(result.to_dict()) if as_json else result.describe())
+    if result.quarantined:
+        raise typer.Exit(1)
+
+
+@app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="validate | split | train | evaluate")],
     params_file: ParamsFile = Path(DEFAULT_PARAMS),

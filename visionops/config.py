@@ -47,6 +47,11 @@ class ValidationParams(_Section):
         return self
 
 
+class IngestParams(_Section):
+    landing: str | None = None  # local folder or s3://bucket/prefix; None: no ingest step
+    quarantine_dir: Path = Path("quarantine")
+
+
 class DriftParams(_Section):
     """Thresholds on each drift statistic (0 = same distribution, 1 = disjoint)."""
 
@@ -109,6 +114,7 @@ class MlflowParams(_Section):
 
 class Params(_Section):
     data: DataParams = DataParams()
+    ingest: IngestParams = IngestParams()
     validation: ValidationParams = ValidationParams()
     drift: DriftParams = DriftParams()
     split: SplitParams = SplitParams()
@@ -122,6 +128,14 @@ class Params(_Section):
     @property
     def data_dir(self) -> Path:
         return (self.root / self.data.path).resolve()
+
+    @property
+    def landing(self) -> str | None:
+        """The landing area from params, a local one resolved against the params folder."""
+        source = self.ingest.landing
+        if source is None or source.startswith("s3://"):
+            return source
+        return str((self.root / source).resolve())
 
     @property
     def data_docs_dir(self) -> Path:

