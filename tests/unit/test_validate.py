@@ -291,3 +291,12 @@ def test_facts_from_worker_processes_equal_the_serial_ones(tiny_digits, monkeypa
     parallel = validate.collect_facts(tiny_digits, workers=2)
     assert len(serial) == 18
     assert parallel.equals(serial)
+
+
+def test_truncated_jpeg_is_named(tiny_digits, make_image):
+    photo = make_image(tiny_digits / "2" / "photo.jpg", size=(64, 64), mode="RGB", fmt="JPEG")
+    photo.write_bytes(photo.read_bytes()[:400])
+    check, offenders = only_failure(tiny_digits)
+    assert check == "decodable"
+    assert offenders == [offenders[0]] and offenders[0].startswith(
+        "2/photo.jpg: not a decodable image (")
