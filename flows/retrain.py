@@ -10,22 +10,34 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
-from tasks.evaluate import Evaluation, evaluate_task, plot_confusion_matrix, plot_learning_curves
-from tasks.gate import GateDecision, gate_task
+from tasks.evaluate import (
+    Evaluation,
+    class_recalls,
+    evaluate_task,
+    plot_confusion_matrix,
+    plot_learning_curves,
+)
+from tasks.gate import REJECTED, Check, GateDecision, gate_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
-from tasks.register import get_champion, load_version, promote_task, register_task
+from tasks.register import (
+    export_task,
+    load_version,
+    promote_task,
+    register_task,
+    servability_task,
+)
 from tasks.train import train_task
 from tasks.validate import DataValidationError, validate_task, write_report
 from tasks.version import version_task
 from visionops.config import DEFAULT_PARAMS, load_params
+from visionops.registry import Registry
 from visionops.tracking import EpochMetricsLogger, git_commit, use_experiment
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
@@ -69,6 +81,38 @@ def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: P
         mlflow.log_artifact(str(path), artifact_path="evaluation")
 
 
+def _log_path(path: Path, artifact_path: str) -> None:
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def _check_servable(decision: GateDecision, registered, params, model, sample) -> GateDecision:
+    """Keep a gate-passing decision only if the registered version serves, loaded from
+    the registry in a fresh process, the same predictions as the in-process model."""
+    uri = f"models:/{params.registry.model_name}/{registered.version}"
+    problem = servability_task(uri, params.tracking_uri, sample, model.predict(sample, verbose=0))
+    checks = [*decision.checks, Check("servable", float(problem is None), 1.0, problem is None)]
+    if problem:
+        return GateDecision(REJECTED, f"not servable: {problem}", checks, decision.mcnemar)
+    return GateDecision(decision.decision, decision.reason, checks, decision.mcnemar)
+
+
+def _record_decision(decision: GateDecision, registry: Registry, version: str) -> None:
+    """Every check with its figures in the run; the decision on the run and the version."""
+    mlflow.log_dict(decision.to_dict(), "gate/decision.json")
+    mlflow.set_tags({"decision": decision.decision, "reason": decision.reason,
+                     **{f"gate.{c.name}": "passed" if c.passed else "failed"
+                        for c in decision.checks}})
+    if decision.mcnemar:
+        mlflow.log_metrics({f"mcnemar_{k}": v for k, v in decision.mcnemar.items()})
+    for key in ("decision", "reason"):
+        registry.client.set_model_version_tag(registry.name, str(version), key,
+                                              getattr(decision, key))
+    get_run_logger().info("Gate: %s (%s)", decision.decision, decision.reason)
+
+
 def _decision_markdown(challenger: Evaluation, champion: Evaluation | None,
                        champion_version: str | None, decision: GateDecision,
                        model_version: str, data_version: str) -> str:
@@ -97,7 +141,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
     logger = get_run_logger()
     params = load_params(params_path)
     data = Path(data_dir).resolve() if data_dir else params.data_dir
-    client = MlflowClient(params.tracking_uri)
+    registry = Registry(params)
     model_name = params.registry.model_name
     experiment_id = use_experiment(params)
 
@@ -123,7 +167,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             raise
         _log_validation(report, facts, out, params.data_docs_dir)
 
-        champion_mv = get_champion(client, model_name)
+        champion_mv = registry.champion()
         reference = _champion_facts(champion_mv, out) if params.drift.enabled else None
         if reference is not None:
             name = f"the data of champion v{champion_mv.version}"
@@ -167,21 +211,27 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             _log_evaluation(champion, "champion_test", prepared.class_names, out)
             mlflow.set_tag("champion_version", champion_mv.version)
 
-        decision = gate_task(challenger.metrics, champion and champion.metrics, params.gate,
-                             champion_mv and champion_mv.version)
-        mlflow.log_dict(decision.to_dict(), "gate/decision.json")
-        mlflow.set_tags({"decision": decision.decision, "reason": decision.reason})
-        logger.info("Gate: %s (%s)", decision.decision, decision.reason)
-
+        decision = gate_task(
+            challenger.metrics, champion and champion.metrics, params.gate,
+            champion_mv and champion_mv.version, class_recalls(challenger),
+            champion and (challenger.predictions == prepared.test.y,
+                          champion.predictions == prepared.test.y))
         registered = register_task(trained.model, model_name, prepared.test.x[:2], {
             "data_version": version.md5, "git_commit": commit,
             "class_names": json.dumps(prepared.class_names),
-            "decision": decision.decision, "reason": decision.reason,
             **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
         })
         if decision.promote:
-            promote_task(model_name, registered.version)
-        champion_now = get_champion(client, model_name)
+            decision = _check_servable(decision, registered, params, trained.model,
+                                       prepared.test.x[:8])
+        _record_decision(decision, registry, registered.version)
+        if decision.promote:
+            registry.set_challenger(registered.version)
+            for path in export_task(trained.model, out / "export"):
+                _log_path(path, "export")
+            promote_task(params, registered.version, decision.reason,
+                         f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})")
+        champion_now = registry.champion()
 
         create_markdown_artifact(
             key="retrain-decision", description="Challenger vs champion and the gate decision",

@@ -47,6 +47,13 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> Eva
                       predictions=y_pred)
 
 
+def class_recalls(evaluation: Evaluation) -> dict[str, float]:
+    """Recall of every class that has test images."""
+    return {name: values["recall"] for name, values in evaluation.report.items()
+            if isinstance(values, dict) and name not in ("macro avg", "weighted avg")
+            and values.get("support", 0) > 0}
+
+
 def evaluate_model(model, data_dir: Path, test_paths: list[str], y_test: np.ndarray,
                    class_names: list[str], model_class_names: list[str] | None = None
                    ) -> Evaluation:

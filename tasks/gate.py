@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+from scipy.stats import binomtest
 
 from visionops.config import GateParams
 
@@ -25,6 +28,7 @@ class GateDecision:
     decision: str
     reason: str
     checks: list[Check] = field(default_factory=list)
+    mcnemar: dict | None = None  # b, c and p_value when the test ran
 
     @property
     def promote(self) -> bool:
@@ -34,19 +38,42 @@ class GateDecision:
         return asdict(self)
 
 
+def mcnemar_exact(challenger_correct: np.ndarray, champion_correct: np.ndarray
+                  ) -> tuple[int, int, float]:
+    """McNemar's exact test on paired results: (challenger-only right, champion-only
+    right, two-sided p-value). Images both got right or both got wrong say nothing."""
+    challenger_correct = np.asarray(challenger_correct, dtype=bool)
+    champion_correct = np.asarray(champion_correct, dtype=bool)
+    b = int(np.sum(challenger_correct & ~champion_correct))
+    c = int(np.sum(~challenger_correct & champion_correct))
+    p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    return b, c, p_value
+
+
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
-           params: GateParams, champion_version: str | None = None) -> GateDecision:
+           params: GateParams, champion_version: str | None = None,
+           class_recall: dict[str, float] | None = None,
+           paired_correct: tuple[np.ndarray, np.ndarray] | None = None) -> GateDecision:
+    """`class_recall`: the challenger's recall per class; `paired_correct`: whether the
+    challenger and the champion got each test image right, in the same order."""
     checks = [
         Check("min_accuracy", challenger["accuracy"], params.min_accuracy,
               challenger["accuracy"] >= params.min_accuracy),
         Check("min_f1_macro", challenger["f1_macro"], params.min_f1_macro,
               challenger["f1_macro"] >= params.min_f1_macro),
     ]
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        reason = "; ".join(f"{c.name.removeprefix('min_')} {c.value:.4f} is below the floor "
-                           f"{c.threshold:.4f}" for c in failed)
-        return GateDecision(REJECTED, reason, checks)
+    reasons = [f"{c.name.removeprefix('min_')} {c.value:.4f} is below the floor "
+               f"{c.threshold:.4f}" for c in checks if not c.passed]
+    if class_recall:
+        weakest = min(class_recall, key=class_recall.get)
+        recall_check = Check("min_class_recall", class_recall[weakest], params.min_class_recall,
+                             class_recall[weakest] >= params.min_class_recall)
+        checks.append(recall_check)
+        reasons += [f"recall of class {name!r} {value:.4f} is below the floor "
+                    f"{params.min_class_recall:.4f}" for name, value in sorted(
+                        class_recall.items()) if value < params.min_class_recall]
+    if reasons:
+        return GateDecision(REJECTED, "; ".join(reasons), checks)
     if champion is None:
         return GateDecision(FIRST_CHAMPION, "no champion yet and every floor passed", checks)
 
@@ -56,14 +83,30 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
     checks.append(Check(f"min_improvement_{metric}", delta, params.min_improvement, improved))
     comparison = (f"{metric} {challenger[metric]:.4f} vs champion v{champion_version} "
                   f"{champion[metric]:.4f} on the same test split ({delta:+.4f})")
-    if improved:
-        return GateDecision(PROMOTED, f"{comparison} >= min_improvement "
-                            f"{params.min_improvement}", checks)
-    return GateDecision(REJECTED, f"{comparison} is below min_improvement "
-                        f"{params.min_improvement}; champion kept", checks)
+    if not improved:
+        return GateDecision(REJECTED, f"{comparison} is below min_improvement "
+                            f"{params.min_improvement}; champion kept", checks)
+    if paired_correct is not None:
+        b, c, p_value = mcnemar_exact(*paired_correct)
+        significant = p_value < params.significance and b > c
+        checks.append(Check("significance_mcnemar_p", p_value, params.significance,
+                            significant))
+        test = f"McNemar exact p={p_value:.4g} (challenger-only right {b}, champion-only {c})"
+        decision = GateDecision(PROMOTED if significant else REJECTED, "", checks,
+                                mcnemar={"b": b, "c": c, "p_value": p_value})
+        decision.reason = (f"{comparison}; {test} < significance {params.significance}"
+                           if significant else
+                           f"{comparison}, but the gain is not significant: {test} >= "
+                           f"significance {params.significance}; champion kept")
+        return decision
+    return GateDecision(PROMOTED, f"{comparison} >= min_improvement "
+                        f"{params.min_improvement}", checks)
 
 
-@task(name="Gate: challenger vs champion")
+@task(name="Gate: challenger vs champion", cache_policy=NO_CACHE)
 def gate_task(challenger: dict[str, float], champion: dict[str, float] | None,
-              params: GateParams, champion_version: str | None = None) -> GateDecision:
-    return decide(challenger, champion, params, champion_version)
+              params: GateParams, champion_version: str | None = None,
+              class_recall: dict[str, float] | None = None,
+              paired_correct: tuple[np.ndarray, np.ndarray] | None = None) -> GateDecision:
+    return decide(challenger, champion, params, champion_version, class_recall,
+                  paired_correct)

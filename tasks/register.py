@@ -1,30 +1,34 @@
-"""Register the model version in MLflow and promote it: alias `champion`, stage
-Production (while MLflow still has stages), previous champion archived."""
+"""Register the model version in MLflow, prove it serves, export it, and promote it
+(alias `champion`, stage Production while MLflow has stages, previous one archived)."""
 
 from __future__ import annotations
 
 import json
-import warnings
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-CHAMPION = "champion"
+from visionops.config import Params
+from visionops.registry import Registry
 
-
-def get_champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
+SERVE_IN_FRESH_PROCESS = r"""
+import sys
+import mlflow
+import numpy as np
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+np.save(sys.argv[4], np.asarray(model.predict(np.load(sys.argv[3]))))
+"""
 
 
 def load_version(model_name: str, version: str):
@@ -47,12 +51,51 @@ def register_model(model, model_name: str, sample: np.ndarray, tags: dict[str, s
     return client.get_model_version(model_name, version)
 
 
-def promote(client: MlflowClient, model_name: str, version: str) -> None:
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still shown
-        client.transition_model_version_stage(model_name, version, "Production",
-                                              archive_existing_versions=True)
+def check_servable(model_uri: str, tracking_uri: str, sample: np.ndarray,
+                   expected: np.ndarray, tolerance: float = 1e-5) -> str | None:
+    """Load `model_uri` through mlflow.pyfunc in a fresh Python process and predict
+    `sample`; None when it matches `expected`, else the reason it does not."""
+    with tempfile.TemporaryDirectory() as scratch:
+        inputs, outputs = Path(scratch) / "in.npy", Path(scratch) / "out.npy"
+        np.save(inputs, sample)
+        done = subprocess.run(
+            [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri, model_uri,
+             str(inputs), str(outputs)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if done.returncode != 0:
+            return f"{model_uri} failed to load or predict in a fresh process: " \
+                   f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"
+        served = np.load(outputs)
+    if served.shape != expected.shape:
+        return f"{model_uri} served shape {served.shape}, expected {expected.shape}"
+    difference = float(np.max(np.abs(served - expected))) if served.size else 0.0
+    if difference > tolerance:
+        return f"{model_uri} served predictions differ by up to {difference:.2e}"
+    return None
+
+
+def export_model(model, out_dir: Path) -> tuple[Path, Path]:
+    """The model as a TensorFlow SavedModel folder and as a TFLite flat buffer."""
+    import tensorflow as tf
+
+    saved_model = out_dir / "saved_model"
+    model.export(str(saved_model), format="tf_saved_model", verbose=False)
+    tflite = out_dir / "model.tflite"
+    tflite.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
+    return saved_model, tflite
+
+
+def tflite_predict(tflite: Path, x: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(tflite))
+    (input_detail,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(input_detail["index"], list(x.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(input_detail["index"], x.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 @task(name="Register model version", cache_policy=NO_CACHE)
@@ -61,6 +104,17 @@ def register_task(model, model_name: str, sample: np.ndarray, tags: dict[str, st
     return register_model(model, model_name, sample, tags)
 
 
+@task(name="Check it serves from the registry", cache_policy=NO_CACHE)
+def servability_task(model_uri: str, tracking_uri: str, sample: np.ndarray,
+                     expected: np.ndarray) -> str | None:
+    return check_servable(model_uri, tracking_uri, sample, expected)
+
+
+@task(name="Export SavedModel and TFLite", cache_policy=NO_CACHE)
+def export_task(model, out_dir: Path) -> tuple[Path, Path]:
+    return export_model(model, out_dir)
+
+
 @task(name="Promote to champion")
-def promote_task(model_name: str, version: str) -> None:
-    promote(MlflowClient(), model_name, version)
+def promote_task(params: Params, version: str, reason: str, actor: str) -> dict:
+    return Registry(params).promote(version, reason, actor)

@@ -83,7 +83,8 @@ def test_registered_model_serves_with_its_signature(trained_project):
 def test_worse_challenger_is_rejected_and_champion_kept(trained_project):
     root, first = trained_project
     worse = write_params(root, {"train": {"epochs": 1, "learning_rate": 1e-5},
-                                "gate": {"min_accuracy": 0.0, "min_f1_macro": 0.0}},
+                                "gate": {"min_accuracy": 0.0, "min_f1_macro": 0.0,
+                                         "min_class_recall": 0.0}},
                          name="params-worse.yaml")
 
     summary = retrain(params_path=str(worse))

@@ -150,6 +150,109 @@ def stage(
         raise typer.Exit(1)
 
 
+models_app = typer.Typer(no_args_is_help=True,
+                         help="The model registry: list, compare, promote, roll back.")
+app.add_typer(models_app, name="models")
+
+
+def _registry(params_file: Path):
+    from visionops.registry import Registry
+
+    return Registry(_load(params_file))
+
+
+@models_app.command("list")
+def models_list(params_file: ParamsFile = Path(DEFAULT_PARAMS), as_json: AsJson = False) -> None:
+    """Every version with its aliases, stage, test metrics, data version and times."""
+    rows = _registry(params_file).listing()
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo(f"{'version':>7}  {'aliases':<20} {'stage':<10} {'accuracy':>8} {'f1_macro':>8}  "
+               f"{'decision':<15} {'created':<19}  {'promoted':<19}  data version")
+    for row in rows:
+        metrics = row["metrics"]
+        typer.echo(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20} "
+                   f"{row['stage']:<10} {metrics.get('accuracy', float('nan')):>8.4f} "
+                   f"{metrics.get('f1_macro', float('nan')):>8.4f}  {row['decision']:<15} "
+                   f"{row['created']:<19}  {row['promoted'] or '-':<19}  {row['data_version']}")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")],
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+) -> None:
+    """Make VERSION the champion (stage Production, the previous one archived)."""
+    from visionops.registry import RegistryError
+
+    try:
+        event = _registry(params_file).promote(version, reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(f"champion: v{event['from_version'] or '-'} -> v{event['to_version']} "
+               f"({event['reason']})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")] = "rollback",
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+) -> None:
+    """Move `champion` back to the version it replaced."""
+    from visionops.registry import RegistryError
+
+    try:
+        event = _registry(params_file).rollback(reason)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(f"rolled back: champion v{event['from_version']} -> v{event['to_version']}")
+
+
+@models_app.command("history")
+def models_history(params_file: ParamsFile = Path(DEFAULT_PARAMS), as_json: AsJson = False
+                   ) -> None:
+    """Every promotion and rollback: when, who, from which version to which, why."""
+    events = _registry(params_file).history()
+    if as_json:
+        typer.echo(json.dumps(events))
+        return
+    for event in events:
+        accuracy = event["metrics"].get("test_accuracy")
+        typer.echo(f"{event['time']}  {event['event']:<8} v{event['from_version'] or '-'} -> "
+                   f"v{event['to_version']}  by {event['actor']}: {event['reason']}"
+                   + (f"  (test accuracy {accuracy:.4f})" if accuracy is not None else ""))
+
+
+@models_app.command("compare")
+def models_compare(
+    version_a: Annotated[str, typer.Argument(help="A version.")],
+    version_b: Annotated[str, typer.Argument(help="Another version.")],
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    as_json: AsJson = False,
+) -> None:
+    """Score two versions side by side on the current test split."""
+    from visionops.registry import RegistryError
+    from visionops.scoring import compare_versions
+
+    try:
+        table = compare_versions(_load(params_file), [version_a, version_b])
+    except RegistryError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(table))
+        return
+    typer.echo(f"on the current test split ({table['test_images']} images, "
+               f"data {table['data_version']}):")
+    typer.echo(f"{'metric':<16}" + "".join(f"{'v' + v:>10}" for v in table["versions"]))
+    for metric, values in table["metrics"].items():
+        typer.echo(f"{metric:<16}" + "".join(f"{values[v]:>10.4f}" for v in table["versions"]))
+    test = table["mcnemar"]
+    typer.echo(f"McNemar exact: only v{version_a} right {test['b']}, only v{version_b} right "
+               f"{test['c']}, p={test['p_value']:.4g}")
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Where to write <digit>/<file>.png.")] = Path("data"),

@@ -100,6 +100,8 @@ class GateParams(_Section):
     min_accuracy: float = Field(0.8, ge=0, le=1)
     min_f1_macro: float = Field(0.8, ge=0, le=1)
     min_improvement: float = Field(0.005, ge=0, le=1)
+    min_class_recall: float = Field(0.5, ge=0, le=1)  # no class may collapse
+    significance: float = Field(0.05, gt=0, le=1)     # McNemar's exact test on paired results
 
 
 class RegistryParams(_Section):

@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from tasks.gate import FIRST_CHAMPION, PROMOTED, REJECTED, decide, gate_task
+from tasks.gate import FIRST_CHAMPION, PROMOTED, REJECTED, decide, gate_task, mcnemar_exact
 from visionops.config import GateParams
 
 PARAMS = GateParams(metric="f1_macro", min_accuracy=0.8, min_f1_macro=0.8, min_improvement=0.01)
@@ -99,3 +100,39 @@ def test_to_dict_and_task():
 def test_improvement_of_exactly_min_improvement_promotes():
     decision = decide(metrics(f1_macro=0.94), metrics(f1_macro=0.93), PARAMS, "1")
     assert decision.decision == PROMOTED, decision.reason
+
+
+def test_a_collapsed_class_is_rejected_by_the_class_recall_floor():
+    decision = decide(metrics(), None, PARAMS, class_recall={"cat": 0.95, "dog": 0.2})
+    assert decision.decision == REJECTED
+    assert decision.reason == "recall of class 'dog' 0.2000 is below the floor 0.5000"
+    assert decision.checks[-1].name == "min_class_recall" and not decision.checks[-1].passed
+
+
+def test_mcnemar_exact_counts_and_p_value():
+    challenger = np.array([True] * 10 + [False] * 2 + [True] * 5)
+    champion = np.array([False] * 10 + [False] * 2 + [True] * 5)
+    b, c, p_value = mcnemar_exact(challenger, champion)
+    assert (b, c) == (10, 0)
+    assert p_value == pytest.approx(2 * 0.5**10)
+    assert mcnemar_exact(champion, champion) == (0, 0, 1.0)
+
+
+def test_noise_level_gain_is_refused_by_the_significance_test():
+    # 3 images only the challenger gets right, 1 only the champion: +2 of 100 correct
+    challenger = np.array([True] * 3 + [False] + [True] * 96)
+    champion = np.array([False] * 3 + [True] + [True] * 96)
+    decision = decide(metrics(f1_macro=0.97), metrics(f1_macro=0.95), PARAMS, "4",
+                      paired_correct=(challenger, champion))
+    assert decision.decision == REJECTED
+    assert "not significant" in decision.reason and "p=0.625" in decision.reason
+    assert decision.mcnemar == {"b": 3, "c": 1, "p_value": pytest.approx(0.625)}
+
+
+def test_significant_gain_is_promoted():
+    challenger = np.array([True] * 12 + [True] * 88)
+    champion = np.array([False] * 12 + [True] * 88)
+    decision = decide(metrics(f1_macro=0.99), metrics(f1_macro=0.87), PARAMS, "4",
+                      paired_correct=(challenger, champion))
+    assert decision.decision == PROMOTED
+    assert "McNemar exact p=0.0004883" in decision.reason

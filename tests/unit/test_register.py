@@ -7,7 +7,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from tasks.register import get_champion, load_version, promote, register_model
+from tasks.register import load_version, register_model
+from visionops.config import Params
+from visionops.registry import Registry
 
 NAME = "unit-digits"
 CLASSES = ["0", "1", "2"]
@@ -23,6 +25,13 @@ def tracking(tmp_path, monkeypatch):
             "unit", artifact_location=(tmp_path / "artifacts").as_uri())
         yield MlflowClient(), experiment_id
         mlflow.end_run()
+
+
+@pytest.fixture
+def registry(tracking, tmp_path) -> Registry:
+    return Registry(Params(registry={"model_name": NAME},
+                           mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                   "experiment_name": "unit"}, root=tmp_path))
 
 
 def tiny_model(seed: int) -> keras.Model:
@@ -41,7 +50,7 @@ def register(experiment_id, model, **tags):
                               {"class_names": json.dumps(CLASSES), **tags})
 
 
-def test_register_model_creates_a_version_with_tags(tracking):
+def test_register_model_creates_a_version_with_tags(tracking, registry):
     client, experiment_id = tracking
     version = register(experiment_id, tiny_model(1), data_version="abc.dir")
     assert version.name == NAME
@@ -49,27 +58,26 @@ def test_register_model_creates_a_version_with_tags(tracking):
     assert version.tags["data_version"] == "abc.dir"
     assert json.loads(version.tags["class_names"]) == CLASSES
     assert client.get_registered_model(NAME).name == NAME
-    assert get_champion(client, NAME) is None
+    assert registry.champion() is None
 
 
-def test_get_champion_is_none_for_an_unknown_model(tracking):
-    client, _ = tracking
-    assert get_champion(client, "never-registered") is None
+def test_champion_is_none_for_an_unknown_model(registry):
+    assert registry.champion() is None
 
 
-def test_promote_sets_alias_and_stage_and_archives_the_previous_champion(tracking):
+def test_promote_sets_alias_and_stage_and_archives_the_previous_champion(tracking, registry):
     client, experiment_id = tracking
     first = register(experiment_id, tiny_model(1))
     second = register(experiment_id, tiny_model(2))
     assert (str(first.version), str(second.version)) == ("1", "2")
 
-    promote(client, NAME, first.version)
-    champion = get_champion(client, NAME)
+    registry.promote(first.version, "first", "tester")
+    champion = registry.champion()
     assert str(champion.version) == "1"
     assert champion.current_stage == "Production"
 
-    promote(client, NAME, second.version)
-    assert str(get_champion(client, NAME).version) == "2"
+    registry.promote(second.version, "better", "tester")
+    assert str(registry.champion().version) == "2"
     assert client.get_model_version(NAME, "2").current_stage == "Production"
     assert client.get_model_version(NAME, "1").current_stage == "Archived"
     assert client.get_model_version(NAME, "1").aliases == []

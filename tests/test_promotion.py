@@ -1,0 +1,127 @@
+"""A better challenger is promoted (and exported); the registry keeps the history of
+alias moves; rollback restores the previous champion; racing promotions stay
+consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from projects import make_project, write_params
+
+from flows.retrain import retrain
+from tasks.register import tflite_predict
+from visionops.config import load_params
+from visionops.registry import Registry
+
+BAD_MODEL = {"train": {"epochs": 1, "learning_rate": 1e-5},
+             "gate": {"min_accuracy": 0.0, "min_f1_macro": 0.0, "min_class_recall": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory, prefect_server):
+    """A weak first champion (v1), then a good challenger (v2) promoted over it."""
+    root = make_project(tmp_path_factory.mktemp("promotion") / "project")
+    weak = retrain(params_path=str(write_params(root, BAD_MODEL, name="params-weak.yaml")))
+    strong = retrain(params_path=str(root / "params.yaml"))
+    return root, weak, strong
+
+
+def visionops(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("visionops")), *args,
+                           "--params", str(root / "params.yaml")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_better_challenger_is_promoted_with_a_significant_gain(promoted):
+    root, weak, strong = promoted
+    assert weak["decision"] == "first_champion"
+    assert strong["decision"] == "promoted", strong["reason"]
+    assert "McNemar exact p=" in strong["reason"]
+    registry = Registry(load_params(root / "params.yaml"))
+    assert str(registry.champion().version) == str(strong["model_version"])
+    assert str(registry.alias("challenger").version) == str(strong["model_version"])
+    assert registry.version(weak["model_version"]).current_stage == "Archived"
+    run = mlflow.MlflowClient(strong["tracking_uri"]).get_run(strong["run_id"])
+    assert run.data.metrics["mcnemar_p_value"] < 0.05
+    assert run.data.tags["gate.servable"] == "passed"
+
+
+def test_exported_tflite_agrees_with_the_keras_model(promoted, tmp_path):
+    root, _, strong = promoted
+    mlflow.set_tracking_uri(strong["tracking_uri"])
+    exported = Path(mlflow.artifacts.download_artifacts(
+        run_id=strong["run_id"], artifact_path="export", dst_path=str(tmp_path)))
+    assert (exported / "saved_model" / "saved_model.pb").exists()
+    model = mlflow.tensorflow.load_model(f"models:/tiny-digits/{strong['model_version']}")
+    x = np.random.default_rng(0).random((6, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_allclose(tflite_predict(exported / "model.tflite", x),
+                               model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_list_shows_versions_aliases_and_metrics(promoted):
+    root, weak, strong = promoted
+    result = visionops(root, "models", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["version"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {str(weak["model_version"]), str(strong["model_version"])}
+    assert set(rows[str(strong["model_version"])]["aliases"]) == {"champion", "challenger"}
+    assert rows[str(strong["model_version"])]["metrics"]["accuracy"] == pytest.approx(
+        strong["metrics"]["accuracy"], abs=1e-4)
+    assert rows[str(strong["model_version"])]["promoted"]
+
+
+def test_compare_scores_both_on_the_current_test_split(promoted):
+    root, weak, strong = promoted
+    result = visionops(root, "models", "compare", str(weak["model_version"]),
+                       str(strong["model_version"]), "--json")
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    accuracy = table["metrics"]["accuracy"]
+    assert accuracy[str(strong["model_version"])] == pytest.approx(strong["metrics"]["accuracy"])
+    assert accuracy[str(weak["model_version"])] < accuracy[str(strong["model_version"])]
+
+
+def test_rollback_restores_the_previous_champion_and_is_recorded(promoted):
+    root, weak, strong = promoted
+    result = visionops(root, "models", "rollback", "--reason", "bad in production")
+    assert result.returncode == 0, result.stderr
+    registry = Registry(load_params(root / "params.yaml"))
+    assert str(registry.champion().version) == str(weak["model_version"])
+    history = registry.history()
+    assert [(e["event"], e["from_version"], e["to_version"]) for e in history] == [
+        ("promote", "", str(weak["model_version"])),
+        ("promote", str(weak["model_version"]), str(strong["model_version"])),
+        ("rollback", str(strong["model_version"]), str(weak["model_version"]))]
+    assert history[-1]["reason"] == "bad in production" and history[-1]["actor"]
+    assert history[1]["actor"].startswith("prefect flow run")
+
+    back = visionops(root, "models", "promote", str(strong["model_version"]), "--reason",
+                     "fixed")
+    assert back.returncode == 0, back.stderr
+    assert str(registry.champion().version) == str(strong["model_version"])
+
+
+def test_racing_promotions_leave_exactly_one_champion(promoted):
+    root, weak, strong = promoted
+    versions = [str(weak["model_version"]), str(strong["model_version"])] * 3
+    racers = [subprocess.Popen([str(Path(sys.executable).with_name("visionops")), "models",
+                                "promote", version, "--reason", f"race {i}", "--params",
+                                str(root / "params.yaml")], cwd=root,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for i, version in enumerate(versions)]
+    assert all(racer.wait(timeout=300) == 0 for racer in racers)
+
+    registry = Registry(load_params(root / "params.yaml"))
+    champion = registry.champion()
+    in_production = [v for v in registry.versions() if v.current_stage == "Production"]
+    assert [str(v.version) for v in in_production] == [str(champion.version)]
+    history = registry.history()[-len(versions):]
+    assert history[-1]["to_version"] == str(champion.version)
+    for before, after in zip(history, history[1:], strict=False):
+        assert after["from_version"] == before["to_version"]  # chained: no lost move

@@ -1,0 +1,185 @@
+"""The model registry's operations: who is champion, promotion and rollback, and
+the history of alias moves that MLflow itself does not keep.
+
+Every promotion and rollback is recorded as a run in the experiment
+`<experiment_name>-promotions` (event, from and to version, reason, actor, and the
+new champion's test metrics), so the history lives in the same tracking server as
+the models. Promotions take a lock so that two racing ones never leave the alias and
+the Production stage pointing at different versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from visionops.config import Params
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done, with the reason."""
+
+
+def default_actor() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+class Registry:
+    def __init__(self, params: Params):
+        self.params = params
+        self.name = params.registry.model_name
+        self.client = MlflowClient(params.tracking_uri)
+
+    # -- reading ---------------------------------------------------------------------------
+    def alias(self, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def champion(self) -> ModelVersion | None:
+        return self.alias(CHAMPION)
+
+    def version(self, version: str | int) -> ModelVersion:
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"{self.name} has no version {version}") from exc
+
+    def versions(self) -> list[ModelVersion]:
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def history(self) -> list[dict]:
+        experiment = self.client.get_experiment_by_name(self._history_experiment_name)
+        if experiment is None:
+            return []
+        runs = self.client.search_runs([experiment.experiment_id],
+                                       f"tags.model_name = '{self.name}'",
+                                       order_by=["attributes.start_time ASC"],
+                                       max_results=10_000)
+        return [{"time": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                       time.localtime(run.info.start_time / 1000)),
+                 **{key: run.data.tags.get(key, "") for key in (
+                     "event", "from_version", "to_version", "reason", "actor")},
+                 "metrics": run.data.metrics} for run in runs]
+
+    def listing(self) -> list[dict]:
+        promoted = {}
+        for event in self.history():
+            promoted[event["to_version"]] = event["time"]
+        versions = self.versions()
+        # search results carry no aliases; the registered model has them all
+        aliases = self.client.get_registered_model(self.name).aliases if versions else {}
+        rows = []
+        for version in versions:
+            rows.append({
+                "version": str(version.version),
+                "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version.version)),
+                "stage": version.current_stage,
+                "metrics": {key.removeprefix("test_"): float(value)
+                            for key, value in version.tags.items() if key.startswith("test_")},
+                "data_version": version.tags.get("data_version", ""),
+                "decision": version.tags.get("decision", ""),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                         time.localtime(version.creation_timestamp / 1000)),
+                "promoted": promoted.get(str(version.version), ""),
+                "run_id": version.run_id,
+            })
+        return rows
+
+    # -- changing --------------------------------------------------------------------------
+    def set_challenger(self, version: str | int) -> None:
+        self.client.set_registered_model_alias(self.name, CHALLENGER, str(version))
+
+    def promote(self, version: str | int, reason: str, actor: str | None = None,
+                event: str = "promote") -> dict:
+        """Make `version` the champion (alias and stage Production, the previous one
+        archived) and record the move; returns the recorded event."""
+        version = str(self.version(version).version)
+        with self._lock():
+            previous = self.champion()
+            self.client.set_registered_model_alias(self.name, CHAMPION, version)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated
+                self.client.transition_model_version_stage(self.name, version, "Production",
+                                                           archive_existing_versions=True)
+            return self._record(event, previous and str(previous.version), version, reason,
+                                actor or default_actor())
+
+    def rollback(self, reason: str, actor: str | None = None) -> dict:
+        """Move `champion` back to the version it replaced most recently."""
+        current = self.champion()
+        if current is None:
+            raise RegistryError(f"{self.name} has no champion to roll back")
+        for event in reversed(self.history()):
+            if event["to_version"] == str(current.version) and event["from_version"]:
+                return self.promote(event["from_version"], reason, actor, event="rollback")
+        raise RegistryError(f"{self.name} v{current.version} replaced no earlier champion; "
+                            "nothing to roll back to")
+
+    # -- internals -------------------------------------------------------------------------
+    @property
+    def _history_experiment_name(self) -> str:
+        return f"{self.params.mlflow.experiment_name}-promotions"
+
+    def _history_experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self._history_experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        local = self.params.tracking_uri.startswith(("sqlite:", "file:", "/"))
+        try:
+            return self.client.create_experiment(
+                self._history_experiment_name,
+                artifact_location=self.params.artifact_location if local else None)
+        except MlflowException:  # created meanwhile by a racing promotion
+            return self.client.get_experiment_by_name(
+                self._history_experiment_name).experiment_id
+
+    def _record(self, event: str, from_version: str | None, to_version: str, reason: str,
+                actor: str) -> dict:
+        tags = {"event": event, "model_name": self.name, "from_version": from_version or "",
+                "to_version": to_version, "reason": reason, "actor": actor}
+        run = self.client.create_run(self._history_experiment_id(),
+                                     run_name=f"{event} v{from_version or '-'} -> v{to_version}")
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, 0) for key, value in
+                   self.version(to_version).tags.items() if key.startswith("test_")]
+        self.client.log_batch(run.info.run_id, metrics=metrics,
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run.info.run_id)
+        return tags
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """An exclusive lock for promotions against this tracking store, between processes
+        on this machine (beside a SQLite store, else in ~/.cache/visionops)."""
+        uri = self.params.tracking_uri
+        if uri.startswith("sqlite:///"):
+            path = Path(uri.removeprefix("sqlite:///") + ".promotion.lock")
+        else:
+            digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+            path = Path.home() / ".cache" / "visionops" / f"promotion-{digest}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

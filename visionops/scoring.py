@@ -1,0 +1,46 @@
+"""Score registered versions on the current test split (the same split the flow uses)."""
+
+from __future__ import annotations
+
+from visionops.config import Params
+from visionops.registry import Registry
+
+
+def current_test_split(params: Params):
+    """(test paths, integer labels, class names) of the dataset as it is now."""
+    from tasks.preprocess import assign_splits
+    from tasks.validate import collect_facts
+
+    table = assign_splits(collect_facts(params.data_dir, params.validation.max_side),
+                          params.split)
+    class_names = sorted(table["label"].unique())
+    test = table[table["split"] == "test"]
+    index = {name: i for i, name in enumerate(class_names)}
+    return list(test["path"]), [index[label] for label in test["label"]], class_names
+
+
+def compare_versions(params: Params, versions: list[str]) -> dict:
+    import numpy as np
+
+    from tasks.evaluate import evaluate_model
+    from tasks.gate import mcnemar_exact
+    from tasks.register import load_version
+    from tasks.version import content_hash
+
+    registry = Registry(params)
+    names = [str(registry.version(v).version) for v in versions]
+    paths, labels, class_names = current_test_split(params)
+    y = np.array(labels)
+    evaluations = {}
+    for version in names:
+        model, model_classes = load_version(params.registry.model_name, version)
+        evaluations[version] = evaluate_model(model, params.data_dir, paths, y, class_names,
+                                              model_classes)
+    b, c, p_value = mcnemar_exact(*(evaluations[v].predictions == y for v in names[:2]))
+    return {
+        "versions": names, "test_images": len(paths),
+        "data_version": content_hash(params.data_dir),
+        "metrics": {metric: {v: evaluations[v].metrics[metric] for v in names}
+                    for metric in evaluations[names[0]].metrics},
+        "mcnemar": {"b": b, "c": c, "p_value": p_value},
+    }
