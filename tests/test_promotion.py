@@ -87,6 +87,40 @@ def test_compare_scores_both_on_the_current_test_split(promoted):
     assert accuracy[str(weak["model_version"])] < accuracy[str(strong["model_version"])]
 
 
+def test_predict_labels_images_with_the_champion(promoted):
+    root, _, strong = promoted
+    one_file = sorted((root / "data" / "1").iterdir())[0]
+    result = visionops(root, "predict", str(root / "data" / "2"), str(one_file), "--json")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["champion_version"] == str(strong["model_version"])
+    rows = output["predictions"]
+    assert len(rows) == 26 and rows[-1]["path"] == str(one_file)
+    assert sum(row["label"] == "2" for row in rows[:-1]) >= 20
+    model = mlflow.tensorflow.load_model(f"models:/tiny-digits/{strong['model_version']}")
+    from visionops.images import load_images
+
+    expected = model.predict(load_images([one_file], 28, 1), verbose=0)[0]
+    assert rows[-1]["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_predict_flow_writes_a_csv_for_a_folder(promoted, tmp_path):
+    root, _, _ = promoted
+    out = tmp_path / "labels.csv"
+    result = visionops(root, "predict", str(root / "data" / "3"), "--csv", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,label,probability" and len(lines) == 26
+    assert sum(line.split(",")[1] == "3" for line in lines[1:]) >= 20
+
+
+def test_predict_without_a_champion_says_so(tmp_path):
+    root = make_project(tmp_path / "empty")
+    result = visionops(root, "predict", str(root / "data" / "0"))
+    assert result.returncode == 1
+    assert "no champion yet" in result.stderr
+
+
 def test_rollback_restores_the_previous_champion_and_is_recorded(promoted):
     root, weak, strong = promoted
     result = visionops(root, "models", "rollback", "--reason", "bad in production")

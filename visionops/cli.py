@@ -150,6 +150,42 @@ def stage(
         raise typer.Exit(1)
 
 
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Images, or folders of images.")],
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    as_json: AsJson = False,
+    csv_out: Annotated[Path | None, typer.Option(
+        "--csv", help="Run the predict flow on one folder and write its labels here.")] = None,
+) -> None:
+    """Label images with the champion (`models:/<name>@champion`)."""
+    params = _load(params_file)
+    from visionops.registry import RegistryError
+
+    try:
+        if csv_out is not None:
+            from flows.predict import predict as predict_flow
+
+            if len(paths) != 1 or not paths[0].is_dir():
+                _fail("--csv takes exactly one folder", code=2)
+            summary = predict_flow(str(paths[0]), str(csv_out), str(params_file))
+            typer.echo(json.dumps(summary) if as_json else
+                       f"{summary['images']} images labelled by champion "
+                       f"v{summary['champion_version']} into {summary['csv']}")
+            return
+        from visionops.predict import image_paths, load_champion, predict_paths
+
+        champion = load_champion(params)
+        rows = list(predict_paths(champion, image_paths(paths)))
+    except (RegistryError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({"champion_version": champion.version, "predictions": rows}))
+        return
+    for row in rows:
+        typer.echo(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
+
+
 models_app = typer.Typer(no_args_is_help=True,
                          help="The model registry: list, compare, promote, roll back.")
 app.add_typer(models_app, name="models")

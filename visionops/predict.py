@@ -1,0 +1,61 @@
+"""Label images with the champion: the same preprocessing as training
+(`visionops.images.load_images`), at the model's own input size."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visionops.config import Params
+from visionops.images import IMAGE_SUFFIXES, load_images
+from visionops.registry import CHAMPION, Registry, RegistryError
+
+BATCH = 1024  # images decoded and predicted at a time, so memory stays flat
+
+
+@dataclass
+class Champion:
+    model: object
+    class_names: list[str]
+    version: str
+
+
+def load_champion(params: Params) -> Champion:
+    import mlflow
+
+    registry = Registry(params)
+    champion = registry.champion()
+    if champion is None:
+        raise RegistryError(f"{registry.name} has no {CHAMPION} yet: run `visionops retrain`")
+    mlflow.set_tracking_uri(params.tracking_uri)
+    model = mlflow.tensorflow.load_model(f"models:/{registry.name}@{CHAMPION}")
+    return Champion(model, json.loads(champion.tags["class_names"]), str(champion.version))
+
+
+def image_paths(targets: Iterable[Path]) -> list[Path]:
+    """Files as given; folders expanded to the images below them, sorted."""
+    paths = []
+    for target in map(Path, targets):
+        if target.is_dir():
+            paths += sorted(p for p in target.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif target.is_file():
+            paths.append(target)
+        else:
+            raise FileNotFoundError(f"{target}: no such file or folder")
+    return paths
+
+
+def predict_paths(champion: Champion, paths: list[Path]) -> Iterator[dict]:
+    _, size, _, channels = champion.model.input_shape
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start:start + BATCH]
+        probabilities = champion.model.predict(load_images(chunk, size, channels), verbose=0)
+        for path, row in zip(chunk, probabilities, strict=True):
+            best = int(np.argmax(row))
+            yield {"path": str(path), "label": champion.class_names[best],
+                   "probability": float(row[best])}
