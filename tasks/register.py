@@ -98,6 +98,22 @@ def tflite_predict(tflite: Path, x: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+def ensure_exports(params: Params, version: str) -> bool:
+    """Export a registered version (SavedModel, TFLite) into its run's `export/` artifacts
+    unless they are there already, as for a version promoted by hand; True if it exported."""
+    registry = Registry(params)
+    run_id = registry.version(version).run_id
+    if registry.client.list_artifacts(run_id, "export"):
+        return False
+    mlflow.set_tracking_uri(params.tracking_uri)
+    model, _ = load_version(params.registry.model_name, str(version))
+    with tempfile.TemporaryDirectory() as scratch:
+        export_dir = Path(scratch) / "export"
+        export_model(model, export_dir)
+        registry.client.log_artifacts(run_id, str(export_dir), "export")
+    return True
+
+
 @task(name="Register model version", cache_policy=NO_CACHE)
 def register_task(model, model_name: str, sample: np.ndarray, tags: dict[str, str]
                   ) -> ModelVersion:

@@ -141,6 +141,23 @@ def test_rollback_restores_the_previous_champion_and_is_recorded(promoted):
     assert str(registry.champion().version) == str(strong["model_version"])
 
 
+def test_a_rejected_version_promoted_by_hand_is_exported_too(promoted):
+    root, _, _ = promoted
+    rejected = retrain(params_path=str(write_params(root, BAD_MODEL, name="params-weak.yaml")))
+    assert rejected["decision"] == "rejected"
+    registry = Registry(load_params(root / "params.yaml"))
+    run_id = registry.version(rejected["model_version"]).run_id
+    assert not registry.client.list_artifacts(run_id, "export")  # the flow did not export it
+
+    result = visionops(root, "models", "promote", str(rejected["model_version"]), "--reason",
+                       "override")
+
+    assert result.returncode == 0, result.stderr
+    assert "exported" in result.stdout
+    assert {a.path for a in registry.client.list_artifacts(run_id, "export")} >= {
+        "export/model.tflite", "export/saved_model"}
+
+
 def test_racing_promotions_leave_exactly_one_champion(promoted):
     root, weak, strong = promoted
     versions = [str(weak["model_version"]), str(strong["model_version"])] * 3

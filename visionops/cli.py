@@ -229,6 +229,14 @@ def models_promote(
         _fail(str(exc))
     typer.echo(f"champion: v{event['from_version'] or '-'} -> v{event['to_version']} "
                f"({event['reason']})")
+    _ensure_exports(params_file, event["to_version"])
+
+
+def _ensure_exports(params_file: Path, version: str) -> None:
+    from tasks.register import ensure_exports
+
+    if ensure_exports(_load(params_file), version):
+        typer.echo(f"exported v{version} as SavedModel and TFLite into its run's export/")
 
 
 @models_app.command("rollback")
@@ -244,6 +252,7 @@ def models_rollback(
     except RegistryError as exc:
         _fail(str(exc))
     typer.echo(f"rolled back: champion v{event['from_version']} -> v{event['to_version']}")
+    _ensure_exports(params_file, event["to_version"])
 
 
 @models_app.command("history")

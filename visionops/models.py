@@ -23,13 +23,15 @@ def seed_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 
 
 def seed_cnn_bn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
-    """Deeper variant: two convolutions per block, each followed by BatchNormalization."""
+    """Deeper variant: two convolutions per block, each followed by BatchNormalization.
+    Momentum 0.9 (not Keras's 0.99) lets the running statistics settle within the few
+    steps per epoch a small dataset gives; with 0.99 the digits demo scored 0.23."""
     def block(filters: int) -> list[layers.Layer]:
         return [
             layers.Conv2D(filters, (3, 3), padding="same", use_bias=False),
-            layers.BatchNormalization(), layers.Activation("relu"),
+            layers.BatchNormalization(momentum=0.9), layers.Activation("relu"),
             layers.Conv2D(filters, (3, 3), padding="same", use_bias=False),
-            layers.BatchNormalization(), layers.Activation("relu"),
+            layers.BatchNormalization(momentum=0.9), layers.Activation("relu"),
             layers.MaxPooling2D((2, 2)),
         ]
 
