@@ -101,3 +101,20 @@ def test_load_version_without_class_names_tag(tracking):
         version = register_model(tiny_model(4), NAME, sample(), {})
     _, class_names = load_version(NAME, version.version)
     assert class_names is None
+
+
+def test_servability_is_checked_in_a_fresh_process_from_the_registry(tracking, tmp_path):
+    from tasks.register import check_servable
+
+    _, experiment_id = tracking
+    model = tiny_model(5)
+    version = register(experiment_id, model)
+    uri, store = f"models:/{NAME}/{version.version}", f"sqlite:///{tmp_path}/mlflow.db"
+    x = sample()
+    expected = model.predict(x, verbose=0)
+
+    assert check_servable(uri, store, x, expected) is None
+    problem = check_servable(uri, store, x, expected + 0.01)
+    assert problem is not None and "differ by up to 1.00e-02" in problem
+    missing = check_servable(f"models:/{NAME}/99", store, x, expected)
+    assert missing is not None and "failed to load or predict in a fresh process" in missing
