@@ -35,12 +35,20 @@ from tasks.register import (
 )
 from tasks.train import train_task
 from tasks.validate import DataValidationError, validate_task, write_report
-from tasks.version import version_task
+from tasks.version import content_hash, version_task
 from visionops.config import DEFAULT_PARAMS, load_params
 from visionops.registry import Registry
-from visionops.tracking import EpochMetricsLogger, git_commit, use_experiment
+from visionops.tracking import (
+    EpochMetricsLogger,
+    code_version,
+    git_commit,
+    params_hash,
+    use_experiment,
+)
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+UNCHANGED = "unchanged"
+_SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_run": 0}
 
 
 def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
@@ -113,6 +121,24 @@ def _record_decision(decision: GateDecision, registry: Registry, version: str) -
     get_run_logger().info("Gate: %s (%s)", decision.decision, decision.reason)
 
 
+def _unchanged(champion_mv, lineage: dict, run_id: str, experiment_id: str, params) -> dict:
+    """Data, code and params are those the champion was trained on: nothing to train."""
+    reason = (f"data, code and params are those champion v{champion_mv.version} was "
+              "trained on; nothing to do")
+    mlflow.set_tags({"decision": UNCHANGED, "reason": reason,
+                     "champion_version": str(champion_mv.version)})
+    get_run_logger().info("Nothing changed: %s", reason)
+    return {
+        **_SUMMARY_DEFAULTS, "data_version": lineage["data_version"], "run_id": run_id,
+        "experiment_id": experiment_id, "tracking_uri": params.tracking_uri,
+        "metrics": {key.removeprefix("test_"): float(value)
+                    for key, value in champion_mv.tags.items() if key.startswith("test_")},
+        "decision": UNCHANGED, "reason": reason, "model_name": params.registry.model_name,
+        "previous_champion_version": champion_mv.version,
+        "champion_version": champion_mv.version,
+    }
+
+
 def _decision_markdown(challenger: Evaluation, champion: Evaluation | None,
                        champion_version: str | None, decision: GateDecision,
                        model_version: str, data_version: str) -> str:
@@ -159,6 +185,14 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             mlflow.log_dict(ingested.to_dict(), "data/ingest.json")
             logger.info(ingested.describe())
 
+        champion_mv = registry.champion()
+        lineage = {"data_version": content_hash(data), "code_version": code_version(),
+                   "params_hash": params_hash(params)}
+        mlflow.set_tags(lineage)
+        if champion_mv is not None and all(
+                champion_mv.tags.get(key) == value for key, value in lineage.items()):
+            return _unchanged(champion_mv, lineage, run.info.run_id, experiment_id, params)
+
         try:
             report, facts = validate_task(data, params.validation, params.data_docs_dir)
         except DataValidationError as exc:
@@ -167,7 +201,6 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             raise
         _log_validation(report, facts, out, params.data_docs_dir)
 
-        champion_mv = registry.champion()
         reference = _champion_facts(champion_mv, out) if params.drift.enabled else None
         if reference is not None:
             name = f"the data of champion v{champion_mv.version}"
@@ -217,7 +250,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             champion and (challenger.predictions == prepared.test.y,
                           champion.predictions == prepared.test.y))
         registered = register_task(trained.model, model_name, prepared.test.x[:2], {
-            "data_version": version.md5, "git_commit": commit,
+            **lineage, "data_version": version.md5, "git_commit": commit,
             "class_names": json.dumps(prepared.class_names),
             **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
         })

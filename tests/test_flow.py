@@ -56,6 +56,23 @@ def test_first_run_promotes_a_champion_with_lineage(trained_project):
     assert client.list_artifacts(summary["run_id"], "tensorboard")
 
 
+def test_nothing_changed_means_nothing_trained(trained_project):
+    root, first = trained_project
+    client = _client(root)
+    versions_before = len(client.search_model_versions("name = 'tiny-digits'"))
+
+    summary = retrain(params_path=str(root / "params.yaml"))
+
+    assert summary["decision"] == "unchanged"
+    assert "nothing to do" in summary["reason"]
+    assert summary["model_version"] is None and summary["epochs_run"] == 0
+    assert str(summary["champion_version"]) == str(first["champion_version"])
+    assert summary["metrics"]["accuracy"] == pytest.approx(first["metrics"]["accuracy"],
+                                                           abs=1e-4)
+    assert len(client.search_model_versions("name = 'tiny-digits'")) == versions_before
+    assert client.get_run(summary["run_id"]).data.tags["decision"] == "unchanged"
+
+
 def test_flow_run_ends_with_the_decision_table_in_prefect(trained_project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -46,7 +46,9 @@ def _summary_text(summary: dict, params_file: Path) -> str:
         f"  MLflow run:             {summary['run_id']}",
         f"  test metrics:           {metrics}",
         f"  gate decision:          {summary['decision']}: {summary['reason']}",
-        f"  registered:             {summary['model_name']} version {summary['model_version']}",
+        f"  registered:             {summary['model_name']} version {summary['model_version']}"
+        if summary["model_version"] is not None else
+        f"  registered:             nothing new ({summary['model_name']})",
         f"  champion now:           version {summary['champion_version']}",
         "",
         "See it in the MLflow UI:",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -30,6 +32,27 @@ class EpochMetricsLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
             mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+
+
+PACKAGES = ("visionops", "tasks", "flows")
+
+
+def code_version() -> str:
+    """A hash of the pipeline's own source (the packages that define what a retrain does),
+    the same with or without git."""
+    digest = hashlib.sha256()
+    top = Path(__file__).resolve().parents[1]
+    for package in PACKAGES:
+        for source in sorted((top / package).rglob("*.py")):
+            digest.update(source.relative_to(top).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def params_hash(params: Params) -> str:
+    """A hash of every param a retrain reads."""
+    text = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def git_commit(root: Path) -> str:
