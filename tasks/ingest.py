@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
+from tasks.retry import TRANSIENT_RETRIES
 from tasks.validate import collect_facts, validate_facts
 from tasks.version import DataVersion, version_dataset
 from visionops.config import Params
@@ -164,6 +165,6 @@ def ingest(source: str, params: Params, push: bool = True) -> IngestResult:
     return result
 
 
-@task(name="Ingest from landing area", retries=2, retry_delay_seconds=5)
+@task(name="Ingest from landing area", **TRANSIENT_RETRIES)
 def ingest_task(source: str, params: Params) -> IngestResult:
     return ingest(source, params)

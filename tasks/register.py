@@ -18,6 +18,7 @@ from mlflow.models import infer_signature
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.retry import TRANSIENT_RETRIES
 from visionops.config import Params
 from visionops.registry import Registry
 
@@ -114,7 +115,7 @@ def ensure_exports(params: Params, version: str) -> bool:
     return True
 
 
-@task(name="Register model version", cache_policy=NO_CACHE)
+@task(name="Register model version", cache_policy=NO_CACHE)  # not idempotent: no retries
 def register_task(model, model_name: str, sample: np.ndarray, tags: dict[str, str]
                   ) -> ModelVersion:
     return register_model(model, model_name, sample, tags)
@@ -131,6 +132,6 @@ def export_task(model, out_dir: Path) -> tuple[Path, Path]:
     return export_model(model, out_dir)
 
 
-@task(name="Promote to champion")
+@task(name="Promote to champion", **TRANSIENT_RETRIES)
 def promote_task(params: Params, version: str, reason: str, actor: str) -> dict:
     return Registry(params).promote(version, reason, actor)

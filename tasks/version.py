@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 from prefect import task
 
+from tasks.retry import TRANSIENT_RETRIES
+
 
 @dataclass
 class DataVersion:
@@ -57,6 +59,6 @@ def version_dataset(data_dir: Path, push: bool = True) -> DataVersion:
                        pushed_to=remote if push else None)
 
 
-@task(name="Version dataset (DVC)")
+@task(name="Version dataset (DVC)", **TRANSIENT_RETRIES)
 def version_task(data_dir: Path) -> DataVersion:
     return version_dataset(data_dir)

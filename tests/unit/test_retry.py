@@ -1,0 +1,62 @@
+import botocore.exceptions
+import pytest
+from prefect import flow, task
+
+from tasks.retry import TRANSIENT_RETRIES, is_transient_error
+from tasks.validate import DataValidationError, ValidationReport
+
+
+def test_connection_failures_are_transient_even_when_wrapped():
+    assert is_transient_error(ConnectionRefusedError("no server"))
+    assert is_transient_error(botocore.exceptions.EndpointConnectionError(endpoint_url="x"))
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as inner:
+            raise RuntimeError("push failed") from inner
+    except RuntimeError as wrapped:
+        assert is_transient_error(wrapped)
+
+
+def test_gate_failures_and_bugs_are_not_transient():
+    report = ValidationReport(data_dir="d", n_images=0, n_classes=0)
+    assert not is_transient_error(DataValidationError(report, facts=None))
+    assert not is_transient_error(ValueError("bad value"))
+    assert not is_transient_error(FileNotFoundError("data"))
+
+
+def _flaky(errors: list[BaseException]):
+    calls = []
+
+    @task(**{**TRANSIENT_RETRIES, "retry_delay_seconds": 0, "retry_jitter_factor": None})
+    def step() -> int:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return len(calls)
+
+    @flow
+    def run() -> int:
+        return step()
+
+    return run, calls
+
+
+def test_a_transient_fault_is_retried_until_it_clears(prefect_server):
+    run, calls = _flaky([ConnectionRefusedError("down"), ConnectionRefusedError("down")])
+    assert run() == 3 and len(calls) == 3
+
+
+def test_a_failed_gate_is_not_retried(prefect_server):
+    report = ValidationReport(data_dir="d", n_images=0, n_classes=0)
+    run, calls = _flaky([DataValidationError(report, facts=None)])
+    with pytest.raises(DataValidationError):
+        run()
+    assert len(calls) == 1
+
+
+def test_retries_stop_after_three(prefect_server):
+    run, calls = _flaky([ConnectionRefusedError("down")] * 10)
+    with pytest.raises(ConnectionRefusedError):
+        run()
+    assert len(calls) == 4
