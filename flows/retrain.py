@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.hooks import report_failure
 from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
 from tasks.evaluate import (
     Evaluation,
@@ -160,7 +161,7 @@ def _decision_markdown(challenger: Evaluation, champion: Evaluation | None,
     ])
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, on_failure=[report_failure])
 def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> dict:
     """Retrain on the dataset, compare with the champion on the same test split, and
     promote the challenger only if the gate passes. Returns the run's summary."""

@@ -137,6 +137,9 @@ def test_bad_image_stops_the_flow_before_training(trained_project):
         bad.unlink()
 
     assert (root / "data.dvc").read_text() == dvc_before
+    (summary,) = (root / "reports" / "failures").glob("*.md")
+    assert "**Step:** Validate images" in summary.read_text()
+    assert "1/broken.png" in summary.read_text()
     client = _client(root)
     assert str(client.get_model_version_by_alias("tiny-digits", "champion").version) == str(
         first["champion_version"])
@@ -195,3 +198,36 @@ def test_landing_area_in_params_is_ingested_at_the_head_of_the_flow(trained_proj
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     ingested = json.loads(Path(downloaded).read_text())
     assert len(ingested["accepted"]) == 12
+
+
+def test_a_failed_run_posts_its_summary_to_the_webhook(tmp_path, prefect_server):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from projects import make_project
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = make_project(tmp_path / "project", per_class=3)  # below min_images_per_class
+        params = write_params(root, {"notify": {
+            "webhook_url": f"http://127.0.0.1:{server.server_port}/hook"}})
+        with pytest.raises(DataValidationError):
+            retrain(params_path=str(params))
+    finally:
+        server.shutdown()
+
+    (summary,) = received
+    assert summary["flow"] == "retrain" and summary["failed_step"] == "Validate images"
+    assert "fewer than 5" in summary["reason"]

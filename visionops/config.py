@@ -108,6 +108,10 @@ class RegistryParams(_Section):
     model_name: str = Field("visionops-digits", min_length=1)
 
 
+class NotifyParams(_Section):
+    webhook_url: str | None = None  # a failed flow run's summary is POSTed here as JSON
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: Path = Path("mlartifacts")
@@ -125,6 +129,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
+    notify: NotifyParams = NotifyParams()
     root: Path = Field(Path("."), exclude=True)
 
     @property
