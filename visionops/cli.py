@@ -88,6 +88,21 @@ def retrain(
 
 
 @app.command()
+def serve(params_file: ParamsFile = Path(DEFAULT_PARAMS)) -> None:
+    """Run the retrain flow on `schedule` from params.yaml in this one process (no worker
+    needed; needs a Prefect server: PREFECT_API_URL). Stop it with Ctrl-C."""
+    params = _load(params_file)
+    from prefect.schedules import Cron
+
+    from flows.retrain import retrain as retrain_flow
+
+    retrain_flow.serve(
+        name="serve", schedule=Cron(params.schedule.cron, timezone=params.schedule.timezone),
+        parameters={"params_path": str(params_file.resolve())}, global_limit=1,
+        description="Nightly retrain served by `visionops serve`.")
+
+
+@app.command()
 def validate(
     path: DataFolder,
     params_file: ParamsFile = Path(DEFAULT_PARAMS),

@@ -108,6 +108,18 @@ class RegistryParams(_Section):
     model_name: str = Field("visionops-digits", min_length=1)
 
 
+class ScheduleParams(_Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScheduleParams:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        CronSchedule(cron=self.cron, timezone=self.timezone)  # Prefect's own checks
+        return self
+
+
 class NotifyParams(_Section):
     webhook_url: str | None = None  # a failed flow run's summary is POSTed here as JSON
 
@@ -130,6 +142,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
     notify: NotifyParams = NotifyParams()
+    schedule: ScheduleParams = ScheduleParams()
     root: Path = Field(Path("."), exclude=True)
 
     @property

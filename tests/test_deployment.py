@@ -1,0 +1,140 @@
+"""The retrain deployment on a real Prefect server with a real process worker: deploy
+from prefect.yaml, read the schedule back, trigger a run, let the worker run it, and
+find the champion in MLflow. Also `visionops serve`. No mocks of Prefect."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from projects import REPO, make_project
+
+from visionops.objectstore import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _api(url: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(
+        url + path, data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _wait(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port, stopped by its PID after."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    with (home / "server.log").open("wb") as log:
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: _api(url, "/health"), 120, "the Prefect server")
+        yield url, env
+    finally:
+        _stop(server)
+
+
+def _prefect(env, *args: str) -> str:
+    done = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_prefect_yaml_schedule_matches_params_yaml():
+    deployment = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]
+    schedule = yaml.safe_load((REPO / "params.yaml").read_text())["schedule"]
+    assert deployment["schedules"][0] == {"cron": schedule["cron"],
+                                          "timezone": schedule["timezone"]}
+
+
+def test_deployed_retrain_runs_on_a_worker_and_registers_a_champion(prefect_api,
+                                                                    tmp_path):
+    url, env = prefect_api
+    project = make_project(tmp_path / "project")
+    _prefect(env, "work-pool", "create", "visionops", "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all", "--params",
+             json.dumps({"params_path": str(project / "params.yaml")}))
+
+    deployment = _api(url, "/deployments/name/retrain/nightly")
+    (schedule,) = deployment["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert deployment["work_pool_name"] == "visionops"
+
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool",
+                                   "visionops"], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        flow_run = _api(url, f"/deployments/{deployment['id']}/create_flow_run", {})
+        state = _wait(lambda: (lambda s: s if s["type"] in (
+            "COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None)(
+            _api(url, f"/flow_runs/{flow_run['id']}")["state"]), 420, "the flow run")
+    finally:
+        _stop(worker)
+    assert state["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+
+    champion = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
+        "tiny-digits", "champion")
+    assert champion.tags["decision"] == "first_champion"
+
+
+def test_visionops_serve_registers_its_schedule(prefect_api, tmp_path):
+    url, env = prefect_api
+    project = make_project(tmp_path / "project")
+    with (tmp_path / "serve.log").open("wb") as log:
+        serving = subprocess.Popen([str(BIN / "visionops"), "serve", "--params",
+                                    str(project / "params.yaml")], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deployment = _wait(lambda: _api(url, "/deployments/name/retrain/serve"), 120,
+                           "the served deployment")
+    finally:
+        _stop(serving)
+    (schedule,) = deployment["schedules"]
+    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (
+        "0 2 * * *", "UTC")
+    assert deployment["parameters"] == {"params_path": str(project / "params.yaml")}
