@@ -107,14 +107,18 @@ def test_deployed_retrain_runs_on_a_worker_and_registers_a_champion(prefect_api,
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool",
                                    "visionops"], cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        flow_run = _api(url, f"/deployments/{deployment['id']}/create_flow_run", {})
-        state = _wait(lambda: (lambda s: s if s["type"] in (
+    try:  # two runs at once: the deployment's concurrency limit makes the second wait
+        ids = [_api(url, f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
+               for _ in range(2)]
+        runs = [_wait(lambda run_id=run_id: (lambda r: r if r["state"]["type"] in (
             "COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None)(
-            _api(url, f"/flow_runs/{flow_run['id']}")["state"]), 420, "the flow run")
+            _api(url, f"/flow_runs/{run_id}")), 600, "the flow runs") for run_id in ids]
     finally:
         _stop(worker)
-    assert state["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 2, \
+        (tmp_path / "worker.log").read_text()[-3000:]
+    first, second = sorted(runs, key=lambda r: r["start_time"])
+    assert second["start_time"] >= first["end_time"], "the two retrains overlapped"
 
     champion = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
         "tiny-digits", "champion")
