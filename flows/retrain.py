@@ -225,8 +225,11 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                            for name in ("train", "val", "test")}
                           | {"n_classes": len(prepared.class_names)})
 
+        # Same data, code and params as an interrupted run: resume from its last epoch.
+        backup = params.root / ".visionops" / "checkpoints" / "-".join(
+            lineage[key].removesuffix(".dir") for key in sorted(lineage))
         trained = train_task(prepared, params.train, params.augment, out / "train",
-                             callbacks=[EpochMetricsLogger()])
+                             callbacks=[EpochMetricsLogger()], backup_dir=backup)
         mlflow.log_metric("epochs_run", trained.epochs_run)
         for path in plot_learning_curves(trained.history, out):
             mlflow.log_artifact(str(path), artifact_path="training")

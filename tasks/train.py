@@ -26,7 +26,9 @@ class TrainResult:
 
 def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
                 work_dir: Path, callbacks: list[keras.callbacks.Callback] = (),
-                verbose: int = 2) -> TrainResult:
+                verbose: int = 2, backup_dir: Path | None = None) -> TrainResult:
+    """Train from scratch, or, when `backup_dir` holds the state an interrupted run left
+    at its last finished epoch, resume from there; the backup is removed on success."""
     keras.utils.set_random_seed(params.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / "best.keras"
@@ -44,6 +46,8 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
                                           restore_best_weights=True),
             keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
             keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
+            *([keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True)]
+              if backup_dir is not None else []),
             *callbacks,
         ],
     )
@@ -54,5 +58,6 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
 
 @task(name="Train model", cache_policy=NO_CACHE)
 def train_task(data: PreparedData, params: TrainParams, augment: AugmentParams, work_dir: Path,
-               callbacks: list[keras.callbacks.Callback] = ()) -> TrainResult:
-    return train_model(data, params, augment, work_dir, callbacks)
+               callbacks: list[keras.callbacks.Callback] = (), backup_dir: Path | None = None
+               ) -> TrainResult:
+    return train_model(data, params, augment, work_dir, callbacks, backup_dir=backup_dir)

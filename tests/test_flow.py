@@ -231,3 +231,41 @@ def test_a_failed_run_posts_its_summary_to_the_webhook(tmp_path, prefect_server)
     (summary,) = received
     assert summary["flow"] == "retrain" and summary["failed_step"] == "Validate images"
     assert "fewer than 5" in summary["reason"]
+
+
+def test_a_run_killed_in_training_resumes_from_its_last_epoch(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from projects import make_project
+
+    root = make_project(tmp_path / "project")
+    params = write_params(root, {"train": {"epochs": 40, "early_stopping_patience": 40}})
+    command = [str(Path(sys.executable).with_name("visionops")), "retrain", "--json",
+               "--params", str(params)]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    for line in killed.stdout:
+        if line.startswith("Epoch 6/40"):
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    checkpoints = root / ".visionops" / "checkpoints"
+    assert any(checkpoints.rglob("*")), "the killed run left its last epoch behind"
+    assert not (root / "mlflow.db").exists() or not _client(root).search_model_versions(
+        "name = 'tiny-digits'"), "no model was registered by the killed run"
+
+    resumed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                             timeout=600)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert 30 <= summary["epochs_run"] <= 36, "resumed after the epochs already done"
+    assert "Epoch 1/40" not in resumed.stdout
+    assert not any(checkpoints.rglob("*.weights.h5")) and not any(
+        p.is_file() for p in checkpoints.rglob("*")), "the backup is removed after success"
+    assert len(_client(root).search_model_versions("name = 'tiny-digits'")) == 1
