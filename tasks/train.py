@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -24,6 +25,14 @@ class TrainResult:
     tensorboard_dir: Path
 
 
+def distribution_strategy(name: str) -> tf.distribute.Strategy:
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster comes from TF_CONFIG
+    return tf.distribute.get_strategy()
+
+
 def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
                 work_dir: Path, callbacks: list[keras.callbacks.Callback] = (),
                 verbose: int = 2, backup_dir: Path | None = None) -> TrainResult:
@@ -35,9 +44,10 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
     tensorboard_dir = work_dir / "tensorboard"
     train_ds, val_ds = make_datasets(data.train.x, data.train.y, data.val.x, data.val.y,
                                      params.batch_size, augment, params.seed)
-    model = build_model(params.architecture, data.input_shape, len(data.class_names))
-    model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    with distribution_strategy(params.strategy).scope():
+        model = build_model(params.architecture, data.input_shape, len(data.class_names))
+        model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=params.epochs, verbose=verbose,
         callbacks=[

@@ -93,6 +93,9 @@ class TrainParams(_Section):
     learning_rate: float = Field(1e-3, gt=0, le=1)
     early_stopping_patience: int = Field(3, ge=0)
     seed: int = 42
+    # tf.distribute: "mirrored" uses every local GPU (or the CPU); "multi_worker_mirrored"
+    # spreads over the machines that TF_CONFIG names (see README)
+    strategy: Literal["default", "mirrored", "multi_worker_mirrored"] = "default"
 
 
 class GateParams(_Section):
