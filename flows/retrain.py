@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.facts import dask_facts
 from flows.hooks import report_failure
 from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
 from tasks.evaluate import (
@@ -194,8 +195,11 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                 champion_mv.tags.get(key) == value for key, value in lineage.items()):
             return _unchanged(champion_mv, lineage, run.info.run_id, experiment_id, params)
 
+        precomputed = (dask_facts(data, params.validation.max_side, params.compute)
+                       if params.compute.runner == "dask" else None)
         try:
-            report, facts = validate_task(data, params.validation, params.data_docs_dir)
+            report, facts = validate_task(data, params.validation, params.data_docs_dir,
+                                          precomputed)
         except DataValidationError as exc:
             _log_validation(exc.report, exc.facts, out, params.data_docs_dir)
             mlflow.set_tags({"decision": "data_rejected", "reason": "data validation failed"})

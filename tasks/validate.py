@@ -251,12 +251,15 @@ def validate_facts(data_dir: Path, facts: pd.DataFrame, rules: ValidationParams,
     return report
 
 
-def validate_dataset(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None
-                     ) -> tuple[ValidationReport, pd.DataFrame]:
+def validate_dataset(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None,
+                     facts: pd.DataFrame | None = None) -> tuple[ValidationReport, pd.DataFrame]:
+    """Validate a folder; `facts` when its facts table was already computed elsewhere
+    (on Dask, see flows/facts.py)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: dataset folder not found")
-    facts = collect_facts(data_dir, rules.max_side)
+    if facts is None:
+        facts = collect_facts(data_dir, rules.max_side)
     return validate_facts(data_dir, facts, rules, docs_dir), facts
 
 
@@ -269,10 +272,10 @@ def write_report(report: ValidationReport, facts: pd.DataFrame, out_dir: Path) -
 
 
 @task(name="Validate images")
-def validate_task(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None
-                  ) -> tuple[ValidationReport, pd.DataFrame]:
+def validate_task(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None,
+                  facts: pd.DataFrame | None = None) -> tuple[ValidationReport, pd.DataFrame]:
     """Stops the flow with DataValidationError before anything is trained."""
-    report, facts = validate_dataset(data_dir, rules, docs_dir)
+    report, facts = validate_dataset(data_dir, rules, docs_dir, facts)
     if not report.success:
         raise DataValidationError(report, facts)
     return report, facts

@@ -123,6 +123,15 @@ class ScheduleParams(_Section):
         return self
 
 
+class ComputeParams(_Section):
+    """Where the per-image work of validation runs."""
+
+    runner: Literal["local", "dask"] = "local"  # local: worker processes on this machine
+    dask_address: str | None = None  # a Dask scheduler, e.g. tcp://10.0.0.5:8786; None: a
+    dask_workers: int = Field(2, ge=1)  # LocalCluster of this many workers
+    dask_processes: bool = True
+
+
 class NotifyParams(_Section):
     webhook_url: str | None = None  # a failed flow run's summary is POSTed here as JSON
 
@@ -145,6 +154,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     mlflow: MlflowParams = MlflowParams()
     notify: NotifyParams = NotifyParams()
+    compute: ComputeParams = ComputeParams()
     schedule: ScheduleParams = ScheduleParams()
     root: Path = Field(Path("."), exclude=True)
 

@@ -1,0 +1,40 @@
+"""The per-image work of validation as a Prefect subflow whose chunks can run on Dask:
+a LocalCluster by default, or any Dask scheduler (`compute.dask_address`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from visionops.config import ComputeParams
+from visionops.images import facts_table, iter_image_files
+
+CHUNK_SIZE = 500
+
+
+@task(name="Read image facts (chunk)", cache_policy=NO_CACHE)
+def facts_chunk(root: Path, files: list[tuple[str, str]], max_side: int | None
+                ) -> pd.DataFrame:
+    return facts_table(root, files, max_side)
+
+
+@flow(name="image-facts")
+def image_facts_flow(data_dir: Path, max_side: int | None = None) -> pd.DataFrame:
+    files = list(iter_image_files(data_dir))
+    chunks = [files[i:i + CHUNK_SIZE] for i in range(0, len(files), CHUNK_SIZE)] or [[]]
+    futures = facts_chunk.map(data_dir, chunks, max_side)
+    return pd.concat([future.result() for future in futures], ignore_index=True)
+
+
+def dask_facts(data_dir: Path, max_side: int | None, compute: ComputeParams) -> pd.DataFrame:
+    """The same table as `tasks.validate.collect_facts`, computed on Dask."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = (DaskTaskRunner(address=compute.dask_address) if compute.dask_address else
+              DaskTaskRunner(cluster_kwargs={"n_workers": compute.dask_workers,
+                                             "processes": compute.dask_processes,
+                                             "threads_per_worker": 1}))
+    return image_facts_flow.with_options(task_runner=runner)(data_dir, max_side)
