@@ -50,7 +50,8 @@ from visionops.tracking import (
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 UNCHANGED = "unchanged"
-_SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_run": 0}
+_SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_run": 0,
+                     "fit_seconds": 0.0}
 
 
 def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
@@ -234,7 +235,9 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             lineage[key].removesuffix(".dir") for key in sorted(lineage))
         trained = train_task(prepared, params.train, params.augment, out / "train",
                              callbacks=[EpochMetricsLogger()], backup_dir=backup)
-        mlflow.log_metric("epochs_run", trained.epochs_run)
+        mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
+                            "train_images_per_s": trained.train_images * trained.epochs_run
+                            / max(trained.fit_seconds, 1e-9)})
         for path in plot_learning_curves(trained.history, out):
             mlflow.log_artifact(str(path), artifact_path="training")
         mlflow.log_artifacts(str(trained.tensorboard_dir), artifact_path="tensorboard")
@@ -292,4 +295,5 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             "previous_champion_version": champion_mv and champion_mv.version,
             "champion_version": champion_now and champion_now.version,
             "epochs_run": trained.epochs_run,
+            "fit_seconds": trained.fit_seconds,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ class TrainResult:
     epochs_run: int
     checkpoint: Path
     tensorboard_dir: Path
+    fit_seconds: float = 0.0
+    train_images: int = 0
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -48,6 +51,7 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
         model = build_model(params.architecture, data.input_shape, len(data.class_names))
         model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    started = time.perf_counter()
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=params.epochs, verbose=verbose,
         callbacks=[
@@ -63,7 +67,9 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
     )
     return TrainResult(model=model, history=history.history,
                        epochs_run=len(history.history["loss"]), checkpoint=checkpoint,
-                       tensorboard_dir=tensorboard_dir)
+                       tensorboard_dir=tensorboard_dir,
+                       fit_seconds=time.perf_counter() - started,
+                       train_images=len(data.train.y))
 
 
 @task(name="Train model", cache_policy=NO_CACHE)

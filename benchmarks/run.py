@@ -1,0 +1,203 @@
+"""The pipeline against the seed tutorial's bare script, side by side in one run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--n N] [--epochs E] [--reps R]
+
+Prints a table and writes benchmarks/results.json with five figures:
+train_throughput_ratio (project / seed script, training images/s), overhead_s (the whole
+retrain flow's wall time minus its training), validate_images_per_s (the largest size),
+noop_retrain_s (a retrain with nothing changed) and predict_ratio (`visionops predict`'s
+images/s / a bare decode + model.predict). Ratios and medians of alternating repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from validate_scale import make_pngs, measure_validation  # noqa: E402
+
+from visionops.demo import write_digits  # noqa: E402
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}, Python " \
+           f"{platform.python_version()}, no GPU used"
+
+
+def digits_arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 grayscale digits: the 1,797 demo digits, repeated with light noise."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    base = np.stack([np.asarray(Image.fromarray(np.uint8(img * 16)).resize(
+        (28, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        for img in digits.images])[..., None]
+    rng = np.random.default_rng(0)
+    index = np.arange(n) % len(base)
+    x = np.clip(base[index] + rng.normal(0, 0.05, (n, 28, 28, 1)), 0, 1).astype(np.float32)
+    return x, digits.target[index].astype(np.int64)
+
+
+def seed_script_throughput(x, y, epochs: int) -> float:
+    """The seed tutorial's script: its CNN, compile and fit(batch 128, validation 0.2)."""
+    from visionops.models import seed_cnn
+
+    model = seed_cnn((28, 28, 1), 10)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam",
+                  metrics=["accuracy"])
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=128, epochs=epochs, validation_split=0.2, verbose=0)
+    return int(len(x) * 0.8) * epochs / (time.perf_counter() - start)
+
+
+def project_throughput(x, y, epochs: int, work: Path) -> float:
+    """The project's training task on the same data, split the same way."""
+    from tasks.preprocess import Arrays, PreparedData
+    from tasks.train import train_model
+    from visionops.config import AugmentParams, TrainParams
+
+    cut = int(len(x) * 0.8)
+    data = PreparedData([str(i) for i in range(10)], Arrays(x[:cut], y[:cut], []),
+                        Arrays(x[cut:], y[cut:], []), Arrays(x[:1], y[:1], []))
+    result = train_model(data, TrainParams(epochs=epochs, batch_size=128,
+                                           early_stopping_patience=epochs),
+                         AugmentParams(), work, verbose=0)
+    return result.train_images * result.epochs_run / result.fit_seconds
+
+
+def run_cli(args: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).with_name("visionops")), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_project(root: Path, epochs: int) -> Path:
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(epochs=epochs, early_stopping_patience=epochs)
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_digits(root / "data")
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"],
+                   cwd=root, check=True)
+    return root
+
+
+def predict_throughputs(project: Path, reps: int) -> tuple[float, float]:
+    from PIL import Image
+
+    from visionops.config import load_params
+    from visionops.predict import image_paths, load_champion, predict_paths
+
+    champion = load_champion(load_params(project / "params.yaml"))
+    paths = image_paths([project / "data"])
+
+    def project_rate() -> float:
+        start = time.perf_counter()
+        rows = list(predict_paths(champion, paths))
+        return len(rows) / (time.perf_counter() - start)
+
+    def raw_rate() -> float:  # decode, resize, scale, model.predict: nothing else
+        start = time.perf_counter()
+        x = np.stack([np.asarray(Image.open(p).convert("L").resize(
+            (28, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+            for p in paths])[..., None]
+        champion.model.predict(x, verbose=0)
+        return len(paths) / (time.perf_counter() - start)
+
+    project_rates, raw_rates = [], []
+    for _ in range(reps):
+        raw_rates.append(raw_rate())
+        project_rates.append(project_rate())
+    return statistics.median(project_rates), statistics.median(raw_rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
+    parser.add_argument("--n", type=int, default=None, help="training images")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    n = args.n or (4_000 if args.quick else 10_000)
+    epochs = args.epochs or (3 if args.quick else 10)
+    sizes = [5_000, 20_000] if args.quick else [10_000, 100_000]
+    results = {"machine": machine(), "quick": args.quick, "n": n, "epochs": epochs}
+    scratch = Path(tempfile.mkdtemp(prefix="visionops-bench-"))
+
+    x, y = digits_arrays(n)
+    seed_rates, project_rates = [], []
+    for rep in range(args.reps):  # alternate, so drift in the machine hits both alike
+        seed_rates.append(seed_script_throughput(x, y, epochs))
+        project_rates.append(project_throughput(x, y, epochs, scratch / f"train-{rep}"))
+    results["train_images_per_s"] = {"seed_script": statistics.median(seed_rates),
+                                      "project": statistics.median(project_rates)}
+    results["train_throughput_ratio"] = (results["train_images_per_s"]["project"]
+                                         / results["train_images_per_s"]["seed_script"])
+    print(f"training images/s: seed script {statistics.median(seed_rates):,.0f}, "
+          f"project {statistics.median(project_rates):,.0f} -> ratio "
+          f"{results['train_throughput_ratio']:.2f}", flush=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(scratch / "prefect")
+    project = make_project(scratch / "project", epochs)
+    wall, summary = run_cli(["retrain", "--json"], project, env)
+    results["retrain_wall_s"], results["fit_s"] = wall, summary["fit_seconds"]
+    results["overhead_s"] = wall - summary["fit_seconds"]
+    print(f"retrain flow: {wall:.1f} s wall, {summary['fit_seconds']:.1f} s training -> "
+          f"overhead {results['overhead_s']:.1f} s", flush=True)
+    noop = [run_cli(["retrain", "--json"], project, env)[0] for _ in range(args.reps)]
+    results["noop_retrain_s"] = statistics.median(noop)
+    print(f"unchanged retrain: {results['noop_retrain_s']:.1f} s (median of {len(noop)})",
+          flush=True)
+
+    project_rate, raw_rate = predict_throughputs(project, args.reps)
+    results["predict_images_per_s"] = {"visionops": project_rate, "raw": raw_rate}
+    results["predict_ratio"] = project_rate / raw_rate
+    print(f"predict images/s: visionops {project_rate:,.0f}, raw model.predict "
+          f"{raw_rate:,.0f} -> ratio {results['predict_ratio']:.2f}", flush=True)
+
+    results["validation"] = []
+    for count in sizes:
+        root = scratch / f"pngs-{count}"
+        make_pngs(root, count)
+        run = measure_validation(root)
+        results["validation"].append(run)
+        print(f"validate {count:,} PNGs: {run['images'] / run['total_s']:,.0f} images/s, "
+              f"peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+    largest = results["validation"][-1]
+    results["validate_images_per_s"] = largest["images"] / largest["total_s"]
+    results["validate_rss_ratio"] = (largest["peak_rss_mb"]
+                                     / results["validation"][0]["peak_rss_mb"])
+
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{results['machine']}")
+    for key, target in (("train_throughput_ratio", ">= 1.0"), ("overhead_s", "<= 15"),
+                        ("validate_images_per_s", ">= 3000"), ("noop_retrain_s", "<= 20"),
+                        ("predict_ratio", ">= 0.9")):
+        print(f"  {key:<24} {results[key]:>10.2f}   target {target}")
+
+
+if __name__ == "__main__":
+    main()
