@@ -96,6 +96,8 @@ def make_project(root: Path, epochs: int) -> Path:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(epochs=epochs, early_stopping_patience=epochs)
+    # the benchmark measures time, not quality: every model passes the floors
+    params["gate"].update(min_accuracy=0.0, min_f1_macro=0.0, min_class_recall=0.0)
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_digits(root / "data")
@@ -162,7 +164,10 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(scratch / "prefect")
     project = make_project(scratch / "project", epochs)
-    wall, summary = run_cli(["retrain", "--json"], project, env)
+    run_cli(["retrain", "--json"], project, env)  # the first champion; Prefect's database
+    retrained = project / "params-retrain.yaml"  # another seed: a full retrain, measured
+    retrained.write_text((project / "params.yaml").read_text().replace("seed: 42", "seed: 7"))
+    wall, summary = run_cli(["retrain", "--json", "--params", str(retrained)], project, env)
     results["retrain_wall_s"], results["fit_s"] = wall, summary["fit_seconds"]
     results["overhead_s"] = wall - summary["fit_seconds"]
     print(f"retrain flow: {wall:.1f} s wall, {summary['fit_seconds']:.1f} s training -> "
