@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from visionops.config import ComputeParams
-from visionops.images import facts_table, iter_image_files
+from visionops.images import facts_table, image_file_chunks
 
 CHUNK_SIZE = 500
 
@@ -23,9 +23,7 @@ def facts_chunk(root: Path, files: list[tuple[str, str]], max_side: int | None
 
 @flow(name="image-facts")
 def image_facts_flow(data_dir: Path, max_side: int | None = None) -> pd.DataFrame:
-    files = list(iter_image_files(data_dir))
-    chunks = [files[i:i + CHUNK_SIZE] for i in range(0, len(files), CHUNK_SIZE)] or [[]]
-    futures = facts_chunk.map(data_dir, chunks, max_side)
+    futures = facts_chunk.map(data_dir, image_file_chunks(data_dir, CHUNK_SIZE), max_side)
     return pd.concat([future.result() for future in futures], ignore_index=True)
 
 

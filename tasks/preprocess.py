@@ -57,17 +57,28 @@ class PreparedData:
         return tuple(self.train.x.shape[1:])
 
 
-def load_split(data_dir: Path, table: pd.DataFrame, split: str, class_names: list[str],
-               params: DataParams) -> Arrays:
+def class_names_of(table: pd.DataFrame) -> list[str]:
+    return sorted(table["label"].unique())
+
+
+def split_labels(table: pd.DataFrame, split: str, class_names: list[str]
+                 ) -> tuple[list[str], np.ndarray]:
+    """One split's paths and their labels as indices into `class_names`."""
     rows = table[table["split"] == split]
     index = {name: i for i, name in enumerate(class_names)}
-    x = load_images((data_dir / p for p in rows["path"]), params.image_size, params.channels)
-    y = np.array([index[label] for label in rows["label"]], dtype=np.int64)
-    return Arrays(x=x, y=y, paths=list(rows["path"]))
+    return list(rows["path"]), np.array([index[label] for label in rows["label"]],
+                                        dtype=np.int64)
+
+
+def load_split(data_dir: Path, table: pd.DataFrame, split: str, class_names: list[str],
+               params: DataParams) -> Arrays:
+    paths, y = split_labels(table, split, class_names)
+    x = load_images((data_dir / p for p in paths), params.image_size, params.channels)
+    return Arrays(x=x, y=y, paths=paths)
 
 
 def prepare_data(data_dir: Path, table: pd.DataFrame, params: DataParams) -> PreparedData:
-    class_names = sorted(table["label"].unique())
+    class_names = class_names_of(table)
     arrays = {s: load_split(data_dir, table, s, class_names, params) for s in SPLITS}
     for split, part in arrays.items():
         if len(part.y) == 0:

@@ -16,7 +16,7 @@ import pandas as pd
 from prefect import task
 
 from visionops.config import ValidationParams
-from visionops.images import class_names, facts_table, iter_image_files
+from visionops.images import class_names, facts_table, image_file_chunks
 
 MAX_FILES_IN_MESSAGE = 20
 DOCS_SITE = "visionops"
@@ -71,10 +71,9 @@ def collect_facts(data_dir: Path, max_side: int | None = None, workers: int | No
     """The per-image facts table. Files are read in chunks, spread over `workers`
     processes (default: one per core) when there are enough to pay for starting them;
     only the compact table is kept, never the images."""
-    files = list(iter_image_files(data_dir))
+    chunks = image_file_chunks(data_dir, CHUNK_SIZE)
     workers = workers or os.cpu_count() or 1
-    chunks = [files[i:i + CHUNK_SIZE] for i in range(0, len(files), CHUNK_SIZE)] or [[]]
-    if workers == 1 or len(files) < PARALLEL_MIN_FILES:
+    if workers == 1 or sum(map(len, chunks)) < PARALLEL_MIN_FILES:
         parts = [facts_table(data_dir, chunk, max_side) for chunk in chunks]
     else:
         # spawn, not fork: the parent may hold TensorFlow's threads.

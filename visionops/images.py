@@ -34,6 +34,12 @@ def iter_image_files(root: Path) -> Iterator[tuple[str, str]]:
                 yield file.relative_to(root).as_posix(), class_dir.name
 
 
+def image_file_chunks(root: Path, size: int) -> list[list[tuple[str, str]]]:
+    """`iter_image_files` in chunks of `size` (one empty chunk for an empty folder)."""
+    files = list(iter_image_files(root))
+    return [files[i:i + size] for i in range(0, len(files), size)] or [[]]
+
+
 def class_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 

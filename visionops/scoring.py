@@ -8,20 +8,17 @@ from visionops.registry import Registry
 
 def current_test_split(params: Params):
     """(test paths, integer labels, class names) of the dataset as it is now."""
-    from tasks.preprocess import assign_splits
+    from tasks.preprocess import assign_splits, class_names_of, split_labels
     from tasks.validate import collect_facts
 
     table = assign_splits(collect_facts(params.data_dir, params.validation.max_side),
                           params.split)
-    class_names = sorted(table["label"].unique())
-    test = table[table["split"] == "test"]
-    index = {name: i for i, name in enumerate(class_names)}
-    return list(test["path"]), [index[label] for label in test["label"]], class_names
+    class_names = class_names_of(table)
+    paths, y = split_labels(table, "test", class_names)
+    return paths, y, class_names
 
 
 def compare_versions(params: Params, versions: list[str]) -> dict:
-    import numpy as np
-
     from tasks.evaluate import evaluate_model
     from tasks.gate import mcnemar_exact
     from tasks.register import load_version
@@ -29,8 +26,7 @@ def compare_versions(params: Params, versions: list[str]) -> dict:
 
     registry = Registry(params)
     names = [str(registry.version(v).version) for v in versions]
-    paths, labels, class_names = current_test_split(params)
-    y = np.array(labels)
+    paths, y, class_names = current_test_split(params)
     evaluations = {}
     for version in names:
         model, model_classes = load_version(params.registry.model_name, version)
