@@ -36,8 +36,9 @@ from tasks.register import (
     servability_task,
 )
 from tasks.train import train_task
+from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
-from tasks.version import content_hash, version_task
+from tasks.version import content_hash, needs_pull, pull_task, version_task
 from visionops.config import DEFAULT_PARAMS, load_params
 from visionops.registry import Registry
 from visionops.tracking import (
@@ -55,10 +56,17 @@ _SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_ru
 
 
 def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
-    for path in write_report(report, facts, out_dir):
-        mlflow.log_artifact(str(path), artifact_path="validation")
+    files = [(path, "validation") for path in write_report(report, facts, out_dir)]
     if docs_dir.is_dir():
-        mlflow.log_artifacts(str(docs_dir), artifact_path="validation/data_docs")
+        files.append((docs_dir, "validation/data_docs"))
+    upload_task(files)
+
+
+def _log_dict(values: dict, artifact_file: str, out_dir: Path) -> None:
+    path = out_dir / "dicts" / artifact_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    upload_task([(path, str(Path(artifact_file).parent))])
 
 
 def _champion_facts(champion_mv, out_dir: Path) -> pd.DataFrame | None:
@@ -75,8 +83,8 @@ def _champion_facts(champion_mv, out_dir: Path) -> pd.DataFrame | None:
 
 
 def _log_drift(report: DriftReport, reference, facts, out_dir: Path) -> None:
-    for path in write_drift(report, reference, facts, out_dir / "drift"):
-        mlflow.log_artifact(str(path), artifact_path="drift")
+    upload_task([(path, "drift") for path in write_drift(report, reference, facts,
+                                                          out_dir / "drift")])
     mlflow.set_tag("drift_status", report.status)
     mlflow.log_metrics({"drift_" + m.name.replace(" ", "_"): m.statistic
                         for m in report.measures})
@@ -88,15 +96,7 @@ def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: P
     report_path.write_text(json.dumps(evaluation.report, indent=2))
     plot = plot_confusion_matrix(evaluation.confusion, class_names,
                                  out_dir / f"{prefix}_confusion_matrix.png")
-    for path in (report_path, plot):
-        mlflow.log_artifact(str(path), artifact_path="evaluation")
-
-
-def _log_path(path: Path, artifact_path: str) -> None:
-    if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
-    else:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    upload_task([(report_path, "evaluation"), (plot, "evaluation")])
 
 
 def _check_servable(decision: GateDecision, registered, params, model, sample) -> GateDecision:
@@ -110,9 +110,10 @@ def _check_servable(decision: GateDecision, registered, params, model, sample) -
     return GateDecision(decision.decision, decision.reason, checks, decision.mcnemar)
 
 
-def _record_decision(decision: GateDecision, registry: Registry, version: str) -> None:
+def _record_decision(decision: GateDecision, registry: Registry, version: str,
+                     out_dir: Path) -> None:
     """Every check with its figures in the run; the decision on the run and the version."""
-    mlflow.log_dict(decision.to_dict(), "gate/decision.json")
+    _log_dict(decision.to_dict(), "gate/decision.json", out_dir)
     mlflow.set_tags({"decision": decision.decision, "reason": decision.reason,
                      **{f"gate.{c.name}": "passed" if c.passed else "failed"
                         for c in decision.checks}})
@@ -183,9 +184,11 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                          "prefect_flow_run_id": str(flow_run.get_id())})
         mlflow.log_params(params.flat())
 
+        if needs_pull(data):
+            pull_task(data)
         if params.landing and not data_dir:
             ingested = ingest_task(params.landing, params)
-            mlflow.log_dict(ingested.to_dict(), "data/ingest.json")
+            _log_dict(ingested.to_dict(), "data/ingest.json", out)
             logger.info(ingested.describe())
 
         champion_mv = registry.champion()
@@ -225,7 +228,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         split_table, prepared = preprocess_task(data, facts, params.data, params.split)
         split_path = out / "split.csv"
         split_table.to_csv(split_path, index=False)
-        mlflow.log_artifact(str(split_path), artifact_path="data")
+        upload_task([(split_path, "data")])
         mlflow.log_params({f"n_{name}": len(getattr(prepared, name).y)
                            for name in ("train", "val", "test")}
                           | {"n_classes": len(prepared.class_names)})
@@ -238,9 +241,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
                             "train_images_per_s": trained.train_images * trained.epochs_run
                             / max(trained.fit_seconds, 1e-9)})
-        for path in plot_learning_curves(trained.history, out):
-            mlflow.log_artifact(str(path), artifact_path="training")
-        mlflow.log_artifacts(str(trained.tensorboard_dir), artifact_path="tensorboard")
+        upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
+                     (trained.tensorboard_dir, "tensorboard")])
 
         challenger = evaluate_task(trained.model, data, prepared.test.paths, prepared.test.y,
                                    prepared.class_names)
@@ -268,11 +270,11 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         if decision.promote:
             decision = _check_servable(decision, registered, params, trained.model,
                                        prepared.test.x[:8])
-        _record_decision(decision, registry, registered.version)
+        _record_decision(decision, registry, registered.version, out)
         if decision.promote:
             registry.set_challenger(registered.version)
-            for path in export_task(trained.model, out / "export"):
-                _log_path(path, "export")
+            upload_task([(path, f"export/{path.name}" if path.is_dir() else "export")
+                         for path in export_task(trained.model, out / "export")])
             promote_task(params, registered.version, decision.reason,
                          f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})")
         champion_now = registry.champion()

@@ -19,7 +19,10 @@ def is_transient_error(error: BaseException) -> bool:
     import botocore.exceptions
     import requests
 
+    # RetryError: the HTTP client's own retries on 429/5xx ran out (MLflow's artifact
+    # proxy answers 500 while its object store is down).
     transient = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
+                 requests.exceptions.RetryError,
                  botocore.exceptions.EndpointConnectionError,
                  botocore.exceptions.ConnectionClosedError,
                  botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)

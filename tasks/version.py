@@ -59,6 +59,31 @@ def version_dataset(data_dir: Path, push: bool = True) -> DataVersion:
                        pushed_to=remote if push else None)
 
 
+def needs_pull(data_dir: Path) -> bool:
+    """The folder is tracked by a `.dvc` file but absent or empty here (a fresh clone, a
+    new worker): its content is on the DVC remote."""
+    tracked = data_dir.with_name(data_dir.name + ".dvc").exists()
+    return tracked and not (data_dir.is_dir() and any(data_dir.iterdir()))
+
+
+def pull_dataset(data_dir: Path) -> Path:
+    """`dvc pull` the version `<data>.dvc` records from the default remote."""
+    from dvc.repo import Repo
+
+    data_dir = data_dir.resolve()
+    root = _dvc_root(data_dir)
+    if root is None:
+        raise FileNotFoundError(f"{data_dir}: not inside a DVC repository, nothing to pull")
+    with contextlib.redirect_stdout(sys.stderr), Repo(str(root)) as repo:
+        repo.pull(targets=[str(data_dir.with_name(data_dir.name + ".dvc"))])
+    return data_dir
+
+
+@task(name="Pull dataset (DVC)", **TRANSIENT_RETRIES)
+def pull_task(data_dir: Path) -> Path:
+    return pull_dataset(data_dir)
+
+
 @task(name="Version dataset (DVC)", **TRANSIENT_RETRIES)
 def version_task(data_dir: Path) -> DataVersion:
     return version_dataset(data_dir)

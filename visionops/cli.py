@@ -32,14 +32,18 @@ def _load(params_file: Path):
 
 
 def _summary_text(summary: dict, params_file: Path) -> str:
+    import os
+
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     params = load_params(params_file)
     store = summary["tracking_uri"]
     if store.startswith("sqlite:"):
-        ui = f".venv/bin/mlflow ui --backend-store-uri {store} --port 5000"
+        start_ui, ui = f"  .venv/bin/mlflow ui --backend-store-uri {store} --port 5000", \
+            "http://127.0.0.1:5000"
     else:
-        ui = f"open {store}"
-    return "\n".join([
+        start_ui, ui = None, store.rstrip("/")
+    prefect_api = os.environ.get("PREFECT_API_URL")
+    return "\n".join(line for line in [
         "",
         "visionops retrain: done",
         f"  data version (DVC md5): {summary['data_version']}",
@@ -52,13 +56,13 @@ def _summary_text(summary: dict, params_file: Path) -> str:
         f"  champion now:           version {summary['champion_version']}",
         "",
         "See it in the MLflow UI:",
-        f"  {ui}",
-        f"  then open http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}"
-        f"/runs/{summary['run_id']}  (models: http://127.0.0.1:5000/#/models/"
-        f"{params.registry.model_name})",
+        start_ui,
+        f"  open {ui}/#/experiments/{summary['experiment_id']}/runs/{summary['run_id']}"
+        f"  (models: {ui}/#/models/{params.registry.model_name})",
         "See the flow run in the Prefect UI:",
+        f"  open {prefect_api.removesuffix('/api')}/runs" if prefect_api else
         "  .venv/bin/prefect server start   then open http://127.0.0.1:4200/runs",
-    ])
+    ] if line is not None)
 
 
 @app.command()
@@ -329,3 +333,101 @@ def demo_data(
 
 if __name__ == "__main__":
     app()
+
+
+stack_app = typer.Typer(no_args_is_help=True, help=(
+    "The team stack on this machine, without Docker: object store (SeaweedFS), MLflow "
+    "server and Prefect server on PostgreSQL, a Prefect worker. See README, "
+    "'Run it for a team'."))
+app.add_typer(stack_app, name="stack")
+
+ProjectFolder = Annotated[Path, typer.Option("--project", help="The visionops repository.")]
+StateFolder = Annotated[Path | None, typer.Option(
+    "--state-dir", help="Where ports, secrets, PIDs, logs and data live [<project>/.stack].")]
+
+
+def _stack(project: Path, state_dir: Path | None):
+    from visionops.stack import Stack
+
+    return Stack.load(project, state_dir)
+
+
+@stack_app.command("up")
+def stack_up(
+    project: ProjectFolder = Path("."),
+    state_dir: StateFolder = None,
+    postgres_url: Annotated[str | None, typer.Option(
+        envvar="VISIONOPS_POSTGRES_URL",
+        help="A PostgreSQL to keep MLflow's and Prefect's data in (databases are created).")]
+    = None,
+    db_prefix: Annotated[str, typer.Option(help="Prefix of the databases' names.")]
+    = "visionops",
+    s3_port: Annotated[int, typer.Option(help="0: any free port.")] = 8333,
+    mlflow_port: Annotated[int, typer.Option(help="0: any free port.")] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="0: any free port.")] = 4200,
+) -> None:
+    """Start every part of the stack that is not running, then print how to use it."""
+    from visionops.stack import DEFAULT_POSTGRES_URL, StackError
+
+    stack = _stack(project, state_dir)
+    if not stack.state_file.exists():
+        stack.postgres_url = postgres_url or DEFAULT_POSTGRES_URL
+        stack.db_prefix = db_prefix
+    try:
+        stack.up({"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port},
+                 say=typer.echo)
+    except StackError as exc:
+        _fail(str(exc))
+    typer.echo("\n".join([
+        "", "The stack is up. Point a shell (or a CI job) at it with:",
+        f"  eval \"$(visionops stack env --project {project})\"",
+        "then `visionops retrain` tracks to MLflow, runs on Prefect and versions data on S3.",
+        f"MLflow UI {stack.mlflow_url} (user {stack.user('reviewer')[0]}, password in "
+        f"{stack.state_file}); Prefect UI {stack.prefect_api_url.removesuffix('/api')}",
+    ]))
+
+
+@stack_app.command("env")
+def stack_env(project: ProjectFolder = Path("."), state_dir: StateFolder = None) -> None:
+    """Print `export` lines for a shell: MLflow, Prefect, S3 and DVC clients use them."""
+    import shlex
+
+    stack = _stack(project, state_dir)
+    if not stack.state_file.exists():
+        _fail(f"no stack at {stack.state_dir}: run `visionops stack up` first")
+    for key, value in stack.client_env().items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
+@stack_app.command("status")
+def stack_status(project: ProjectFolder = Path("."), state_dir: StateFolder = None,
+                 as_json: AsJson = False) -> None:
+    """Each part: its PID, whether it runs and answers, its address. Exit 1 if any is down."""
+    status = _stack(project, state_dir).status()
+    if as_json:
+        typer.echo(json.dumps(status))
+    else:
+        for name, part in status.items():
+            state = "up" if part["healthy"] else ("starting" if part["running"] else "down")
+            typer.echo(f"{name:<15} {state:<9} pid {part['pid'] or '-':<8} {part['url'] or ''}")
+    if not all(part["healthy"] for part in status.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(
+    project: ProjectFolder = Path("."),
+    state_dir: StateFolder = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="Stop just this part (s3, mlflow, prefect-server, prefect-worker); repeatable. "
+             "`stack up` starts it again at the same address.")] = None,
+    purge: Annotated[bool, typer.Option(
+        help="Also drop the databases and delete the stored objects and the state.")] = False,
+) -> None:
+    """Stop the stack's processes by their PIDs (last started first)."""
+    from visionops.stack import SERVICES
+
+    unknown = sorted(set(only or []) - set(SERVICES))
+    if unknown:
+        _fail(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
+    _stack(project, state_dir).down(only=only, purge=purge, say=typer.echo)

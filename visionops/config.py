@@ -6,6 +6,7 @@ same params work from any working directory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -176,7 +177,9 @@ class Params(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        uri = self.mlflow.tracking_uri
+        """MLFLOW_TRACKING_URI when set (a team's server, see `visionops stack env`), else
+        `mlflow.tracking_uri`, a relative SQLite path resolved against the params folder."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             return prefix + str((self.root / uri[len(prefix) :]).resolve())

@@ -5,15 +5,14 @@ process is tracked and stopped by its PID."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from visionops import processes
 
 
 def free_port() -> int:
@@ -38,6 +37,7 @@ class ObjectStore:
     secret_key: str
     pid: int
     log: Path
+    ports: dict[str, int] = field(default_factory=dict)  # every port `weed` listens on
 
     def client(self):
         import boto3
@@ -51,49 +51,47 @@ class ObjectStore:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def stop(self, timeout: float = 3) -> None:
-        """SIGTERM, then SIGKILL: `weed` can hang in its graceful shutdown."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                try:
-                    if os.waitpid(self.pid, os.WNOHANG)[0]:
-                        return
-                except ChildProcessError:
-                    return
-                time.sleep(0.1)
+        """Stopped by its PID; `weed` can hang in its graceful shutdown, so it gets
+        `timeout` seconds per signal before the next."""
+        processes.stop(self.pid, timeout=timeout)
+
+
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+              "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 
 
 def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
-                    ready_timeout: float = 60) -> ObjectStore:
+                    ports: dict[str, int] | None = None, s3_port: int | None = None,
+                    log: Path | None = None, ready_timeout: float = 60) -> ObjectStore:
+    """Start `weed server` with S3 on loopback; `ports` from an earlier start bring it
+    back at the same addresses (otherwise free ports, and `s3_port` when given)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     identities = {"identities": [{
         "name": "visionops", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
     config = data_dir / "s3.json"
     config.write_text(json.dumps(identities))
-    ports = {name: free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc")}
-    log = data_dir / "weed.log"
+    ports = dict(ports or {name: free_port() for name in WEED_PORTS})
+    if s3_port:
+        ports["s3.port"] = s3_port
+    log = log or data_dir / "weed.log"
     command = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={data_dir}", "-filer", "-s3", f"-s3.config={config}", "-metricsPort=0",
+               # each bucket grows volumes of its own: small ones, and room for many
+               "-master.volumeSizeLimitMB=256", "-volume.max=200",
+               # its Iceberg and Lance servers would take fixed ports (8181, 9101)
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
                *(f"-{name}={port}" for name, port in ports.items())]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    pid = processes.start(command, log)
     store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key,
-                        process.pid, log)
+                        pid, log, ports)
     deadline = time.monotonic() + ready_timeout
     while True:
         try:
             store.client().list_buckets()
             return store
         except Exception as exc:  # noqa: BLE001 - not up yet
-            if process.poll() is not None or time.monotonic() > deadline:
+            if not processes.alive(pid) or time.monotonic() > deadline:
                 store.stop()
                 raise RuntimeError(f"SeaweedFS did not start ({exc}); see {log}") from exc
             time.sleep(0.5)

@@ -51,7 +51,14 @@ class Registry:
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
+            # A server with basic auth answers 403, not 404, for a model nobody registered yet.
+            if exc.error_code == "PERMISSION_DENIED" and not self._exists():
+                return None
             raise
+
+    def _exists(self) -> bool:
+        found = self.client.search_registered_models(filter_string=f"name = '{self.name}'")
+        return any(model.name == self.name for model in found)
 
     def champion(self) -> ModelVersion | None:
         return self.alias(CHAMPION)
