@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 from projects import REPO, make_project
 
+from visionops import processes
 from visionops.objectstore import free_port
 
 BIN = Path(sys.executable).parent
@@ -44,17 +44,6 @@ def _wait(check, timeout: float, what: str):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """A real `prefect server start` on a free loopback port, stopped by its PID after."""
@@ -72,7 +61,7 @@ def prefect_api(tmp_path_factory):
         _wait(lambda: _api(url, "/health"), 120, "the Prefect server")
         yield url, env
     finally:
-        _stop(server)
+        processes.stop(server.pid)
 
 
 def _prefect(env, *args: str) -> str:
@@ -114,7 +103,7 @@ def test_deployed_retrain_runs_on_a_worker_and_registers_a_champion(prefect_api,
             "COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None)(
             _api(url, f"/flow_runs/{run_id}")), 600, "the flow runs") for run_id in ids]
     finally:
-        _stop(worker)
+        processes.stop(worker.pid)
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 2, \
         (tmp_path / "worker.log").read_text()[-3000:]
     first, second = sorted(runs, key=lambda r: r["start_time"])
@@ -137,7 +126,7 @@ def test_visionops_serve_registers_its_schedule(prefect_api, tmp_path):
         deployment = _wait(lambda: _api(url, "/deployments/name/retrain/serve"), 120,
                            "the served deployment")
     finally:
-        _stop(serving)
+        processes.stop(serving.pid)
     (schedule,) = deployment["schedules"]
     assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (
         "0 2 * * *", "UTC")

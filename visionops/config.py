@@ -177,9 +177,7 @@ class Params(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI when set (a team's server, see `visionops stack env`), else
-        `mlflow.tracking_uri`, a relative SQLite path resolved against the params folder."""
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
+        uri = self.mlflow.tracking_uri
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             return prefix + str((self.root / uri[len(prefix) :]).resolve())
@@ -207,9 +205,27 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+ENV_PREFIX = "VISIONOPS_"
+
+
+def env_overrides() -> dict[str, object]:
+    """`VISIONOPS_<SECTION>__<KEY>=value` variables as `section__key` overrides, the value
+    read as YAML (so `3`, `true` and `null` mean what they say). This is how one
+    deployment differs from another without editing params.yaml, e.g.
+    `VISIONOPS_MLFLOW__TRACKING_URI=http://mlflow:5000` (see `visionops stack env`).
+    MLFLOW_TRACKING_URI is not read: MLflow itself rewrites it in-process."""
+    overrides = {}
+    for name, value in os.environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            overrides[name.removeprefix(ENV_PREFIX).lower()] = yaml.safe_load(value)
+    return overrides
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, **overrides: object) -> Params:
-    """Read and validate params.yaml; `overrides` are `section__key=value` pairs."""
+    """Read and validate params.yaml; then `VISIONOPS_<SECTION>__<KEY>` variables and
+    `overrides` (`section__key=value` pairs) replace single values, in that order."""
     path = Path(path)
+    overrides = {**env_overrides(), **overrides}
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:

@@ -130,7 +130,8 @@ class Stack:
         and boto3 (the S3 landing area) all read these."""
         username, password = self.user("writer")
         return {
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "VISIONOPS_MLFLOW__TRACKING_URI": self.mlflow_url,  # mlflow.tracking_uri
+            "MLFLOW_TRACKING_URI": self.mlflow_url,  # for the `mlflow` command
             "MLFLOW_TRACKING_USERNAME": username,
             "MLFLOW_TRACKING_PASSWORD": password,
             **CLIENT_HTTP_RETRIES,

@@ -110,3 +110,21 @@ def test_override_without_section_is_a_config_error(tmp_path):
     assert load_params(path, train__epochs=2).train.epochs == 2
     with pytest.raises(ConfigError, match="section__key"):
         load_params(path, epochs=2)
+
+
+def test_environment_overrides_single_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_MLFLOW__TRACKING_URI", "http://mlflow.internal:5000")
+    monkeypatch.setenv("VISIONOPS_TRAIN__EPOCHS", "3")
+    monkeypatch.setenv("VISIONOPS_POSTGRES_URL", "not a param: no section__key")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # MLflow's, not ours
+    path = write_params(tmp_path, "train:\n  epochs: 9\n")
+    params = load_params(path)
+    assert params.tracking_uri == "http://mlflow.internal:5000"
+    assert params.train.epochs == 3
+    assert load_params(path, train__epochs=5).train.epochs == 5
+
+
+def test_an_unknown_environment_override_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_TRAIN__EPOCHZ", "3")
+    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+        load_params(write_params(tmp_path, ""))

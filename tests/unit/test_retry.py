@@ -18,6 +18,23 @@ def test_connection_failures_are_transient_even_when_wrapped():
         assert is_transient_error(wrapped)
 
 
+def test_exhausted_http_retries_on_server_errors_are_transient():
+    import requests
+    from urllib3.exceptions import MaxRetryError, ResponseError
+
+    # MLflow's client, when the artifact proxy answered 500 (its object store was down)
+    cause = MaxRetryError(None, "/api/2.0/mlflow-artifacts/artifacts/x",
+                          ResponseError("too many 500 error responses"))
+    try:
+        try:
+            raise requests.exceptions.RetryError(cause)
+        except requests.exceptions.RetryError as inner:
+            raise RuntimeError("could not upload x to the artifacts of MLflow run") from inner
+    except RuntimeError as wrapped:
+        assert is_transient_error(wrapped)
+    assert not is_transient_error(requests.exceptions.HTTPError("403 Forbidden"))
+
+
 def test_gate_failures_and_bugs_are_not_transient():
     report = ValidationReport(data_dir="d", n_images=0, n_classes=0)
     assert not is_transient_error(DataValidationError(report, facts=None))
