@@ -42,8 +42,8 @@ from tasks.version import content_hash, needs_pull, pull_task, version_task
 from visionops.config import DEFAULT_PARAMS, load_params
 from visionops.registry import Registry
 from visionops.tracking import (
-    EpochMetricsLogger,
     code_version,
+    epoch_metrics_logger,
     git_commit,
     params_hash,
     use_experiment,
@@ -99,11 +99,12 @@ def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: P
     upload_task([(report_path, "evaluation"), (plot, "evaluation")])
 
 
-def _check_servable(decision: GateDecision, registered, params, model, sample) -> GateDecision:
+def _check_servable(decision: GateDecision, registered, params, sample,
+                    expected) -> GateDecision:
     """Keep a gate-passing decision only if the registered version serves, loaded from
-    the registry in a fresh process, the same predictions as the in-process model."""
+    the registry in a fresh process, the `expected` predictions of the in-process model."""
     uri = f"models:/{params.registry.model_name}/{registered.version}"
-    problem = servability_task(uri, params.tracking_uri, sample, model.predict(sample, verbose=0))
+    problem = servability_task(uri, params.tracking_uri, sample, expected)
     checks = [*decision.checks, Check("servable", float(problem is None), 1.0, problem is None)]
     if problem:
         return GateDecision(REJECTED, f"not servable: {problem}", checks, decision.mcnemar)
@@ -237,7 +238,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         backup = params.root / ".visionops" / "checkpoints" / "-".join(
             lineage[key].removesuffix(".dir") for key in sorted(lineage))
         trained = train_task(prepared, params.train, params.augment, out / "train",
-                             callbacks=[EpochMetricsLogger()], backup_dir=backup)
+                             callbacks=[epoch_metrics_logger()], backup_dir=backup)
         mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
                             "train_images_per_s": trained.train_images * trained.epochs_run
                             / max(trained.fit_seconds, 1e-9)})
@@ -267,16 +268,23 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             "class_names": json.dumps(prepared.class_names),
             **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
         })
+        exporting = None
         if decision.promote:
-            decision = _check_servable(decision, registered, params, trained.model,
-                                       prepared.test.x[:8])
+            sample = prepared.test.x[:8]
+            expected = trained.model.predict(sample, verbose=0)  # before the export uses it
+            # The exports are built while the fresh process loads the version: it is
+            # mostly start-up time, and a version that passed the gate almost always serves.
+            exporting = export_task.submit(trained.model, out / "export")
+            decision = _check_servable(decision, registered, params, sample, expected)
         _record_decision(decision, registry, registered.version, out)
         if decision.promote:
             registry.set_challenger(registered.version)
             upload_task([(path, f"export/{path.name}" if path.is_dir() else "export")
-                         for path in export_task(trained.model, out / "export")])
+                         for path in exporting.result()])
             promote_task(params, registered.version, decision.reason,
                          f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})")
+        elif exporting is not None:
+            exporting.wait()  # a version that does not serve is not exported
         champion_now = registry.champion()
 
         create_markdown_artifact(

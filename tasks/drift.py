@@ -8,16 +8,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from scipy.stats import ks_2samp  # noqa: E402
-
-from visionops.config import DriftParams  # noqa: E402
+from visionops.config import DriftParams
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 NUMERIC = ("width", "height", "brightness")
@@ -72,6 +67,8 @@ def class_distance(reference: pd.DataFrame, current: pd.DataFrame) -> float:
 
 def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
             reference_name: str) -> DriftReport:
+    from scipy.stats import ks_2samp
+
     reference, current = _usable(reference), _usable(current)
     report = DriftReport(reference_name, params.warn_threshold, params.fail_threshold)
     statistics = {"class distribution": class_distance(reference, current)}
@@ -89,8 +86,11 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
 
 
 def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
     reference, current = _usable(reference), _usable(current)
-    fig, (classes, brightness) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    classes, brightness = fig.subplots(1, 2)
     shares = pd.DataFrame({
         "champion's data": reference["label"].astype(str).value_counts(normalize=True),
         "new data": current["label"].astype(str).value_counts(normalize=True)}).fillna(0)
@@ -105,7 +105,6 @@ def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path) -> Pa
     brightness.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -5,21 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    accuracy_score,
-    classification_report,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
-
-from visionops.images import load_images  # noqa: E402
+from visionops.images import load_images
 
 
 @dataclass
@@ -31,6 +21,13 @@ class Evaluation:
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> Evaluation:
+    from sklearn.metrics import (
+        accuracy_score,
+        classification_report,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
     labels = list(range(len(class_names)))
     # Macro averages over the classes this split has or the model predicts: a class with
     # no test image that is never predicted must not count as a zero.
@@ -71,7 +68,10 @@ def evaluate_model(model, data_dir: Path, test_paths: list[str], y_test: np.ndar
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(class_names), 1 + 0.5 * len(class_names)))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1 + 0.6 * len(class_names), 1 + 0.5 * len(class_names)))
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
            xticklabels=class_names, yticklabels=class_names,
@@ -82,16 +82,18 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: list[str], path: P
                 color="white" if count > threshold else "black", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_learning_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
     paths = []
     for metric in ("loss", "accuracy"):
         if metric not in history:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         epochs = range(1, len(history[metric]) + 1)
         ax.plot(epochs, history[metric], marker="o", label="train")
         if f"val_{metric}" in history:
@@ -101,7 +103,6 @@ def plot_learning_curves(history: dict[str, list[float]], out_dir: Path) -> list
         fig.tight_layout()
         path = out_dir / f"learning_curve_{metric}.png"
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         paths.append(path)
     return paths
 

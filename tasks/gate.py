@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from scipy.stats import binomtest
 
 from visionops.config import GateParams
 
@@ -42,6 +41,8 @@ def mcnemar_exact(challenger_correct: np.ndarray, champion_correct: np.ndarray
                   ) -> tuple[int, int, float]:
     """McNemar's exact test on paired results: (challenger-only right, champion-only
     right, two-sided p-value). Images both got right or both got wrong say nothing."""
+    from scipy.stats import binomtest
+
     challenger_correct = np.asarray(challenger_correct, dtype=bool)
     champion_correct = np.asarray(champion_correct, dtype=bool)
     b = int(np.sum(challenger_correct & ~champion_correct))

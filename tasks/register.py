@@ -39,12 +39,21 @@ def load_version(model_name: str, version: str):
     return model, json.loads(tags.get("class_names", "null"))
 
 
+def model_requirements() -> list[str]:
+    """What serving the model needs, pinned to this environment. Given explicitly, MLflow
+    skips inferring them, which loads the model again in a subprocess (seconds)."""
+    import keras
+
+    return [*mlflow.tensorflow.get_default_pip_requirements(), f"keras=={keras.__version__}"]
+
+
 def register_model(model, model_name: str, sample: np.ndarray, tags: dict[str, str]
                    ) -> ModelVersion:
     """Log the model to the active run and register it, with signature and input example."""
     signature = infer_signature(sample, model.predict(sample, verbose=0))
     info = mlflow.tensorflow.log_model(model, name="model", signature=signature,
-                                       input_example=sample, registered_model_name=model_name)
+                                       input_example=sample, registered_model_name=model_name,
+                                       pip_requirements=model_requirements())
     client = MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():

@@ -1,20 +1,23 @@
-"""Train the CNN: Adam, EarlyStopping, ModelCheckpoint and TensorBoard, fixed seeds."""
+"""Train the CNN: Adam, EarlyStopping, ModelCheckpoint and TensorBoard, fixed seeds.
+Keras and TensorFlow are imported when training starts, not with the flow: a run that
+finds nothing to train never pays for them."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-import tensorflow as tf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.augment import make_datasets
 from tasks.preprocess import PreparedData
 from visionops.config import AugmentParams, TrainParams
-from visionops.models import build_model
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
 
 
 @dataclass
@@ -29,6 +32,8 @@ class TrainResult:
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
+    import tensorflow as tf
+
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker_mirrored":
@@ -41,6 +46,11 @@ def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
                 verbose: int = 2, backup_dir: Path | None = None) -> TrainResult:
     """Train from scratch, or, when `backup_dir` holds the state an interrupted run left
     at its last finished epoch, resume from there; the backup is removed on success."""
+    import keras
+
+    from tasks.augment import make_datasets
+    from visionops.models import build_model
+
     keras.utils.set_random_seed(params.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / "best.keras"

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from projects import make_project
-
-# A CLI retrain starts Prefect's temporary server and gives it 20 s by default; on a
-# loaded 2-core machine (a stack just stopped, TensorFlow in another test) that was short.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @pytest.fixture(scope="session")

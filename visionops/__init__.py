@@ -5,5 +5,8 @@ import os
 # Silence TensorFlow's oneDNN/AVX banner before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's temporary server (no PREFECT_API_URL) gets 20 s to start by default; creating
+# its database on a fresh machine took 22 s here, so the first retrain failed.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 __version__ = "0.1.0"

@@ -7,7 +7,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import keras
 import mlflow
 
 from visionops.config import Params
@@ -26,12 +25,18 @@ def use_experiment(params: Params) -> str:
         artifact_location=params.artifact_location if local_store else None)
 
 
-class EpochMetricsLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics in one MLflow call, so the UI shows progress live."""
+def epoch_metrics_logger():
+    """A Keras callback that logs every epoch's metrics in one MLflow call, so the UI
+    shows progress live. Built when training starts: importing Keras takes seconds that
+    a run with nothing to train should not pay."""
+    import keras
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs:
-            mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+    class EpochMetricsLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if logs:
+                mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+
+    return EpochMetricsLogger()
 
 
 PACKAGES = ("visionops", "tasks", "flows")
