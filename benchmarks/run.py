@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ sys.path.insert(0, str(HERE))
 
 from validate_scale import make_pngs, measure_validation  # noqa: E402
 
+from visionops import processes  # noqa: E402
 from visionops.demo import write_digits  # noqa: E402
+from visionops.objectstore import free_port  # noqa: E402
 
 
 def machine() -> str:
@@ -106,6 +109,40 @@ def make_project(root: Path, epochs: int) -> Path:
     return root
 
 
+def measure_retrains(project: Path, env: dict, reps: int, label: str) -> dict:
+    """Median wall time, training time and their difference over `reps` retrains. Each
+    registers a model name of its own in the same store, so each takes the whole path:
+    train, evaluate, register, the serve check in a fresh process, the exports and the
+    promotion of a first champion."""
+    walls, fits = [], []
+    for rep in range(reps):
+        params = project / f"params-{label.replace(' ', '-')}-{rep}.yaml"
+        params.write_text((project / "params.yaml").read_text().replace(
+            "model_name: visionops-digits", f"model_name: bench-{params.stem}"))
+        wall, summary = run_cli(["retrain", "--json", "--params", str(params)], project, env)
+        assert summary["decision"] == "first_champion", summary["decision"]
+        walls.append(wall)
+        fits.append(summary["fit_seconds"])
+    figures = {"wall_s": statistics.median(walls), "fit_s": statistics.median(fits),
+               "overhead_s": statistics.median(w - f for w, f in zip(walls, fits, strict=True))}
+    print(f"retrain flow, {label}: median {figures['wall_s']:.1f} s wall, "
+          f"{figures['fit_s']:.1f} s training -> overhead {figures['overhead_s']:.1f} s "
+          f"(of {reps})", flush=True)
+    return figures
+
+
+def wait_for(check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def predict_throughputs(project: Path, reps: int) -> tuple[float, float]:
     from PIL import Image
 
@@ -166,25 +203,23 @@ def main() -> None:
     env["PREFECT_HOME"] = str(scratch / "prefect")
     project = make_project(scratch / "project", epochs)
     run_cli(["retrain", "--json"], project, env)  # the first champion; Prefect's database
-    # Each measured retrain goes to a registry of its own, so each takes the whole path:
-    # train, evaluate, register, serve check in a fresh process, exports, promotion.
-    walls, fits = [], []
-    for rep in range(args.reps):
-        params = project / f"params-{rep}.yaml"
-        params.write_text((project / "params.yaml").read_text().replace(
-            "sqlite:///mlflow.db", f"sqlite:///mlflow-{rep}.db").replace(
-            "artifact_root: mlartifacts", f"artifact_root: mlartifacts-{rep}"))
-        wall, summary = run_cli(["retrain", "--json", "--params", str(params)], project, env)
-        assert summary["decision"] == "first_champion", summary["decision"]
-        walls.append(wall)
-        fits.append(summary["fit_seconds"])
-    overheads = [wall - fit for wall, fit in zip(walls, fits, strict=True)]
-    results["retrain_wall_s"] = statistics.median(walls)
-    results["fit_s"] = statistics.median(fits)
-    results["overhead_s"] = statistics.median(overheads)
-    print(f"retrain flow (register, serve check, export, promote): median "
-          f"{results['retrain_wall_s']:.1f} s wall, {results['fit_s']:.1f} s training -> "
-          f"overhead {results['overhead_s']:.1f} s (of {len(walls)})", flush=True)
+    overheads = measure_retrains(project, env, args.reps, "ephemeral")
+    results.update(retrain_wall_s=overheads["wall_s"], fit_s=overheads["fit_s"],
+                   overhead_s=overheads["overhead_s"])
+    # The nightly deployment and a team's stack run against a Prefect server: no
+    # temporary server to start per run.
+    port = free_port()
+    server = processes.start(
+        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+         "127.0.0.1", "--port", str(port)], scratch / "prefect-server.log", env=env)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_for(lambda: urllib.request.urlopen(api + "/health", timeout=5), 120)
+        served = measure_retrains(project, {**env, "PREFECT_API_URL": api}, args.reps,
+                                  "with a Prefect server")
+        results["overhead_with_prefect_server_s"] = served["overhead_s"]
+    finally:
+        processes.stop(server)
     noop = [run_cli(["retrain", "--json"], project, env)[0] for _ in range(args.reps)]
     results["noop_retrain_s"] = statistics.median(noop)
     print(f"unchanged retrain: {results['noop_retrain_s']:.1f} s (median of {len(noop)})",
@@ -212,6 +247,7 @@ def main() -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['machine']}")
     for key, target in (("train_throughput_ratio", ">= 1.0"), ("overhead_s", "<= 15"),
+                        ("overhead_with_prefect_server_s", "<= 15"),
                         ("validate_images_per_s", ">= 3000"), ("noop_retrain_s", "<= 20"),
                         ("predict_ratio", ">= 0.9")):
         print(f"  {key:<24} {results[key]:>10.2f}   target {target}")

@@ -4,6 +4,7 @@ Everything a reviewer needs lands in one MLflow run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from tasks.gate import REJECTED, Check, GateDecision, gate_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
 from tasks.register import (
+    FreshProcess,
     export_task,
     load_version,
     promote_task,
@@ -99,12 +101,12 @@ def _log_evaluation(evaluation: Evaluation, prefix: str, class_names, out_dir: P
     upload_task([(report_path, "evaluation"), (plot, "evaluation")])
 
 
-def _check_servable(decision: GateDecision, registered, params, sample,
-                    expected) -> GateDecision:
+def _check_servable(decision: GateDecision, registered, params, sample, expected,
+                    fresh: FreshProcess) -> GateDecision:
     """Keep a gate-passing decision only if the registered version serves, loaded from
     the registry in a fresh process, the `expected` predictions of the in-process model."""
     uri = f"models:/{params.registry.model_name}/{registered.version}"
-    problem = servability_task(uri, params.tracking_uri, sample, expected)
+    problem = servability_task(uri, params.tracking_uri, sample, expected, fresh)
     checks = [*decision.checks, Check("servable", float(problem is None), 1.0, problem is None)]
     if problem:
         return GateDecision(REJECTED, f"not servable: {problem}", checks, decision.mcnemar)
@@ -178,7 +180,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
 
     with mlflow.start_run(experiment_id=experiment_id,
                           run_name=f"retrain-{flow_run.get_name() or 'local'}") as run, \
-            tempfile.TemporaryDirectory(prefix="visionops-") as scratch:
+            tempfile.TemporaryDirectory(prefix="visionops-") as scratch, \
+            contextlib.ExitStack() as cleanup:
         out = Path(scratch)
         commit = git_commit(params.root)
         mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
@@ -245,6 +248,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
                      (trained.tensorboard_dir, "tensorboard")])
 
+        # Its imports (seconds) run while the model is evaluated, gated and registered.
+        fresh = cleanup.enter_context(FreshProcess(params.tracking_uri))
         challenger = evaluate_task(trained.model, data, prepared.test.paths, prepared.test.y,
                                    prepared.class_names)
         _log_evaluation(challenger, "test", prepared.class_names, out)
@@ -275,7 +280,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             # The exports are built while the fresh process loads the version: it is
             # mostly start-up time, and a version that passed the gate almost always serves.
             exporting = export_task.submit(trained.model, out / "export")
-            decision = _check_servable(decision, registered, params, sample, expected)
+            decision = _check_servable(decision, registered, params, sample, expected,
+                                       fresh)
         _record_decision(decision, registry, registered.version, out)
         if decision.promote:
             registry.set_challenger(registered.version)

@@ -22,14 +22,52 @@ from tasks.retry import TRANSIENT_RETRIES
 from visionops.config import Params
 from visionops.registry import Registry
 
+# Imports first, then waits for one line: model URI, input .npy, output .npy. Started
+# ahead (see FreshProcess), its seconds of imports overlap the flow's own work.
 SERVE_IN_FRESH_PROCESS = r"""
 import sys
 import mlflow
 import numpy as np
+import tensorflow
 mlflow.set_tracking_uri(sys.argv[1])
-model = mlflow.pyfunc.load_model(sys.argv[2])
-np.save(sys.argv[4], np.asarray(model.predict(np.load(sys.argv[3]))))
+request = sys.stdin.readline().split()
+if len(request) == 3:
+    model_uri, inputs, outputs = request
+    model = mlflow.pyfunc.load_model(model_uri)
+    np.save(outputs, np.asarray(model.predict(np.load(inputs))))
 """
+
+
+class FreshProcess:
+    """A new Python process that will load a registered version through mlflow.pyfunc,
+    as a server would, sharing nothing with this one; start it early, ask it once."""
+
+    def __init__(self, tracking_uri: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+    def predict(self, model_uri: str, sample: np.ndarray, timeout: float = 600
+                ) -> np.ndarray | str:
+        """Its predictions for `sample`, or why it could not make them."""
+        with tempfile.TemporaryDirectory() as scratch:
+            inputs, outputs = Path(scratch) / "in.npy", Path(scratch) / "out.npy"
+            np.save(inputs, sample)
+            _, stderr = self.process.communicate(f"{model_uri} {inputs} {outputs}\n",
+                                                 timeout=timeout)
+            if self.process.returncode != 0 or not outputs.exists():
+                last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+                return f"{model_uri} failed to load or predict in a fresh process: {last}"
+            return np.load(outputs)
+
+    def __enter__(self) -> FreshProcess:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
 
 
 def load_version(model_name: str, version: str):
@@ -62,21 +100,15 @@ def register_model(model, model_name: str, sample: np.ndarray, tags: dict[str, s
 
 
 def check_servable(model_uri: str, tracking_uri: str, sample: np.ndarray,
-                   expected: np.ndarray, tolerance: float = 1e-5) -> str | None:
-    """Load `model_uri` through mlflow.pyfunc in a fresh Python process and predict
-    `sample`; None when it matches `expected`, else the reason it does not."""
-    with tempfile.TemporaryDirectory() as scratch:
-        inputs, outputs = Path(scratch) / "in.npy", Path(scratch) / "out.npy"
-        np.save(inputs, sample)
-        done = subprocess.run(
-            [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri, model_uri,
-             str(inputs), str(outputs)],
-            capture_output=True, text=True, timeout=600,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        if done.returncode != 0:
-            return f"{model_uri} failed to load or predict in a fresh process: " \
-                   f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"
-        served = np.load(outputs)
+                   expected: np.ndarray, tolerance: float = 1e-5,
+                   fresh: FreshProcess | None = None) -> str | None:
+    """Load `model_uri` through mlflow.pyfunc in a fresh Python process (`fresh`, started
+    earlier, or a new one) and predict `sample`; None when it matches `expected`, else
+    the reason it does not."""
+    with fresh or FreshProcess(tracking_uri) as process:
+        served = process.predict(model_uri, sample)
+    if isinstance(served, str):
+        return served
     if served.shape != expected.shape:
         return f"{model_uri} served shape {served.shape}, expected {expected.shape}"
     difference = float(np.max(np.abs(served - expected))) if served.size else 0.0
@@ -132,8 +164,8 @@ def register_task(model, model_name: str, sample: np.ndarray, tags: dict[str, st
 
 @task(name="Check it serves from the registry", cache_policy=NO_CACHE)
 def servability_task(model_uri: str, tracking_uri: str, sample: np.ndarray,
-                     expected: np.ndarray) -> str | None:
-    return check_servable(model_uri, tracking_uri, sample, expected)
+                     expected: np.ndarray, fresh: FreshProcess | None = None) -> str | None:
+    return check_servable(model_uri, tracking_uri, sample, expected, fresh=fresh)
 
 
 @task(name="Export SavedModel and TFLite", cache_policy=NO_CACHE)
