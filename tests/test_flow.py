@@ -13,6 +13,7 @@ from projects import write_params
 
 from flows.retrain import retrain
 from tasks.validate import DataValidationError
+from visionops import processes
 
 
 def _client(root) -> MlflowClient:
@@ -248,12 +249,13 @@ def test_a_run_killed_in_training_resumes_from_its_last_epoch(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
            "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
     killed = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in killed.stdout:
         if line.startswith("Epoch 6/40"):
             killed.send_signal(signal.SIGKILL)
             break
     killed.wait(timeout=60)
+    processes.stop(killed.pid)  # what it left running: Prefect's temporary server
     checkpoints = root / ".visionops" / "checkpoints"
     assert any(checkpoints.rglob("*")), "the killed run left its last epoch behind"
     assert not (root / "mlflow.db").exists() or not _client(root).search_model_versions(
