@@ -186,7 +186,9 @@ class Stack:
         return {key: value for key, value in os.environ.items()
                 if not key.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
 
-    def _create_databases(self, say) -> None:
+    def _postgres(self):
+        """An autocommit connection to the configured PostgreSQL (CREATE and DROP DATABASE
+        cannot run in a transaction), or a StackError saying how to get one."""
         import psycopg2
 
         try:
@@ -199,6 +201,10 @@ class Stack:
                 f"start`) or set {POSTGRES_URL_VARIABLE} (or --postgres-url) to the URL of "
                 "one you can create databases on.") from exc
         connection.autocommit = True
+        return connection
+
+    def _create_databases(self, say) -> None:
+        connection = self._postgres()
         with connection.cursor() as cursor:
             for name in DATABASES:
                 database = f"{self.db_prefix}_{name}"
@@ -356,10 +362,7 @@ class Stack:
             self._purge(say)
 
     def _purge(self, say) -> None:
-        import psycopg2
-
-        connection = psycopg2.connect(self.postgres_url, connect_timeout=5)
-        connection.autocommit = True
+        connection = self._postgres()
         with connection.cursor() as cursor:
             for name in DATABASES:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{self.db_prefix}_{name}" WITH (FORCE)')
