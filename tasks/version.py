@@ -28,6 +28,11 @@ def _dvc_root(data_dir: Path) -> Path | None:
     return None
 
 
+def dvc_file(data_dir: Path) -> Path:
+    """`<data>.dvc` beside the folder: the dataset version DVC records."""
+    return data_dir.with_name(data_dir.name + ".dvc")
+
+
 def content_hash(data_dir: Path) -> str:
     """The md5 `dvc add` would record, computed without tracking the folder."""
     from dvc_data.hashfile.build import build
@@ -47,22 +52,22 @@ def version_dataset(data_dir: Path, push: bool = True) -> DataVersion:
     root = _dvc_root(data_dir)
     if root is None:
         return DataVersion(md5=content_hash(data_dir), dvc_file=None, pushed_to=None)
-    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    tracked_by = dvc_file(data_dir)
     # DVC prints git hints on stdout; keep stdout for the CLI's own output.
     with contextlib.redirect_stdout(sys.stderr), Repo(str(root)) as repo:
         repo.add(str(data_dir))
         remote = repo.config["core"].get("remote")
         if push and remote:
-            repo.push(targets=[str(dvc_file)])
-    md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
-    return DataVersion(md5=md5, dvc_file=str(dvc_file.relative_to(root)),
+            repo.push(targets=[str(tracked_by)])
+    md5 = yaml.safe_load(tracked_by.read_text())["outs"][0]["md5"]
+    return DataVersion(md5=md5, dvc_file=str(tracked_by.relative_to(root)),
                        pushed_to=remote if push else None)
 
 
 def needs_pull(data_dir: Path) -> bool:
     """The folder is tracked by a `.dvc` file but absent or empty here (a fresh clone, a
     new worker): its content is on the DVC remote."""
-    tracked = data_dir.with_name(data_dir.name + ".dvc").exists()
+    tracked = dvc_file(data_dir).exists()
     return tracked and not (data_dir.is_dir() and any(data_dir.iterdir()))
 
 
@@ -75,7 +80,7 @@ def pull_dataset(data_dir: Path) -> Path:
     if root is None:
         raise FileNotFoundError(f"{data_dir}: not inside a DVC repository, nothing to pull")
     with contextlib.redirect_stdout(sys.stderr), Repo(str(root)) as repo:
-        repo.pull(targets=[str(data_dir.with_name(data_dir.name + ".dvc"))])
+        repo.pull(targets=[str(dvc_file(data_dir))])
     return data_dir
 
 

@@ -26,6 +26,11 @@ def start(command: Sequence[str], log: Path, env: dict[str, str] | None = None,
     return process.pid
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name: state, ppid, pgid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def alive(pid: int) -> bool:
     """True while the process runs (a zombie child of ours is reaped and counts as gone)."""
     try:
@@ -34,7 +39,7 @@ def alive(pid: int) -> bool:
     except ChildProcessError:
         pass
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = _stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state != "Z"
@@ -47,7 +52,7 @@ def group_members(pgid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(entry.name)
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
