@@ -202,6 +202,9 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         if champion_mv is not None and all(
                 champion_mv.tags.get(key) == value for key, value in lineage.items()):
             return _unchanged(champion_mv, lineage, run.info.run_id, experiment_id, params)
+        # The serve check's process: its imports (seconds) run on the other core while this
+        # one validates; it then waits, idle during training, to load the registered version.
+        fresh = cleanup.enter_context(FreshProcess(params.tracking_uri))
 
         precomputed = (dask_facts(data, params.validation.max_side, params.compute)
                        if params.compute.runner == "dask" else None)
@@ -248,8 +251,6 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
                      (trained.tensorboard_dir, "tensorboard")])
 
-        # Its imports (seconds) run while the model is evaluated, gated and registered.
-        fresh = cleanup.enter_context(FreshProcess(params.tracking_uri))
         challenger = evaluate_task(trained.model, data, prepared.test.paths, prepared.test.y,
                                    prepared.class_names)
         _log_evaluation(challenger, "test", prepared.class_names, out)

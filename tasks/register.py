@@ -25,15 +25,20 @@ from visionops.registry import Registry
 # Imports first, then waits for one line: model URI, input .npy, output .npy. Started
 # ahead (see FreshProcess), its seconds of imports overlap the flow's own work.
 SERVE_IN_FRESH_PROCESS = r"""
+import os
 import sys
+os.nice(19)  # its imports take the CPU that training and the flow leave idle
 import mlflow
 import numpy as np
 import tensorflow
 mlflow.set_tracking_uri(sys.argv[1])
+mlflow.search_experiments(max_results=1)  # connects the stores: imports, SQLite schema check
+mlflow.search_registered_models(max_results=1)
 request = sys.stdin.readline().split()
 if len(request) == 3:
     model_uri, inputs, outputs = request
-    model = mlflow.pyfunc.load_model(model_uri)
+    # No requirements check: this process runs in the environment that logged the model.
+    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
     np.save(outputs, np.asarray(model.predict(np.load(inputs))))
 """
 

@@ -20,6 +20,20 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def processes_for(prefect_home: Path) -> list[str]:
+    """Processes whose environment names this Prefect home: the command and what it started."""
+    marker = f"PREFECT_HOME={prefect_home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                             .decode()[:200])
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
 def test_retrain_json_ends_with_the_summary(project):
     result = run("retrain", "--json", cwd=project)
 
@@ -35,6 +49,8 @@ def test_retrain_json_ends_with_the_summary(project):
         summary["champion_version"])
     assert "mlflow ui --backend-store-uri" in result.stdout
     assert "prefect server start" in result.stdout
+    # its temporary Prefect server and the serve check's process ended with it
+    assert processes_for(project / ".prefect") == []
 
 
 def test_unknown_param_fails_at_start_naming_the_key(project):

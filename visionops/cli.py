@@ -73,9 +73,17 @@ def retrain(
 ) -> None:
     """Run the retraining flow: validate, version, train, evaluate, gate, register, promote."""
     _load(params_file)  # fail on a bad config before any server starts
+    from visionops.warmstart import import_while_waiting, start_prefect_server
+
+    starting = start_prefect_server()
     from flows.retrain import retrain as retrain_flow
     from tasks.drift import DataDriftError
     from tasks.validate import DataValidationError
+
+    # Every retrain that trains needs them; one that finds nothing changed does not.
+    import_while_waiting(starting, ["great_expectations", "keras"])
+    if starting is not None:
+        starting.join()
 
     try:
         summary = retrain_flow(params_path=str(params_file), data_dir=str(data) if data else None)
@@ -431,3 +439,15 @@ def stack_down(
     if unknown:
         _fail(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
     _stack(project, state_dir).down(only=only, purge=purge, say=typer.echo)
+
+
+def main() -> None:
+    """The `visionops` command: the app, then an exit without the interpreter's teardown
+    (see visionops.end_without_teardown)."""
+    from visionops import end_without_teardown
+
+    try:
+        app()
+    except SystemExit as exc:
+        end_without_teardown(exc.code)
+        raise
