@@ -20,8 +20,10 @@ def start_prefect_server() -> threading.Thread | None:
 
     if PREFECT_API_URL.value():
         return None
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.server.api.server import SubprocessASGIServer
 
+    ensure_logging_setup()  # so its "Starting temporary server on <url>" line is shown
     # If it fails here, the flow's own start() tries again and raises Prefect's error.
     starting = threading.Thread(target=SubprocessASGIServer().start, daemon=True,
                                 name="prefect-temporary-server")
