@@ -35,11 +35,16 @@ mlflow.set_tracking_uri(sys.argv[1])
 mlflow.search_experiments(max_results=1)  # connects the stores: imports, SQLite schema check
 mlflow.search_registered_models(max_results=1)
 request = sys.stdin.readline().split()
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, 0)  # asked: back to normal where allowed (root)
+except PermissionError:
+    pass
 if len(request) == 3:
     model_uri, inputs, outputs = request
     # No requirements check: this process runs in the environment that logged the model.
     model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
     np.save(outputs, np.asarray(model.predict(np.load(inputs))))
+    os._exit(0)  # answered: skip the seconds of TensorFlow's teardown the caller waits for
 """
 
 

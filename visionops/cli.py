@@ -73,7 +73,7 @@ def retrain(
 ) -> None:
     """Run the retraining flow: validate, version, train, evaluate, gate, register, promote."""
     _load(params_file)  # fail on a bad config before any server starts
-    from visionops.warmstart import import_while_waiting, start_prefect_server
+    from visionops.warmstart import flow_settings, import_while_waiting, start_prefect_server
 
     starting = start_prefect_server()
     from flows.retrain import retrain as retrain_flow
@@ -86,7 +86,9 @@ def retrain(
         starting.join()
 
     try:
-        summary = retrain_flow(params_path=str(params_file), data_dir=str(data) if data else None)
+        with flow_settings(starting):
+            summary = retrain_flow(params_path=str(params_file),
+                                   data_dir=str(data) if data else None)
     except DataValidationError as exc:
         _fail(f"the dataset did not pass validation; nothing was trained or promoted.\n{exc}")
     except DataDriftError as exc:

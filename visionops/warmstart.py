@@ -5,6 +5,7 @@ import while it comes up; on 2 cores the two then take the time of the longer on
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from collections.abc import Sequence
@@ -42,3 +43,14 @@ def import_while_waiting(starting: threading.Thread | None, modules: Sequence[st
         importlib.import_module(module)
         imported.append(module)
     return imported
+
+
+def flow_settings(starting: threading.Thread | None) -> contextlib.AbstractContextManager:
+    """Prefect settings for a flow run on the temporary server: no heartbeats. They let a
+    server tell a crashed run from a running one, but this server ends with the process;
+    at the run's end they cost a wait of up to a second for the heartbeat thread."""
+    if starting is None:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

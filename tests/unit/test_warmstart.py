@@ -9,9 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from visionops.warmstart import import_while_waiting, start_prefect_server
+from visionops.warmstart import flow_settings, import_while_waiting, start_prefect_server
 
 
 def test_imports_only_while_the_server_is_still_starting():
@@ -29,6 +29,16 @@ def test_imports_only_while_the_server_is_still_starting():
 def test_nothing_is_started_when_prefect_api_url_names_a_server():
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert start_prefect_server() is None
+
+
+def test_no_heartbeats_only_for_a_run_on_the_temporary_server():
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    with flow_settings(threading.Thread(target=lambda: None)):
+        assert get_current_settings().flows.heartbeat_frequency is None
+    with flow_settings(None):
+        assert get_current_settings().flows.heartbeat_frequency == default
+    assert get_current_settings().flows.heartbeat_frequency == default
 
 
 FLOW_ON_THE_STARTED_SERVER = """
