@@ -80,7 +80,8 @@ def retrain(
     from tasks.drift import DataDriftError
     from tasks.validate import DataValidationError
 
-    # Every retrain that trains needs them; one that finds nothing changed does not.
+    # Only while the server starts: a retrain that trains needs them, one that finds
+    # nothing changed does not.
     import_while_waiting(starting, ["great_expectations", "keras"])
     if starting is not None:
         starting.join()

@@ -15,6 +15,7 @@ from visionops.images import IMAGE_SUFFIXES, load_images
 from visionops.registry import CHAMPION, Registry, RegistryError
 
 BATCH = 1024  # images decoded and predicted at a time, so memory stays flat
+INPUT_VALUES_PER_STEP = 2**20  # model.predict's batch: ~4 MB of input, at least 32 images
 
 
 @dataclass
@@ -52,9 +53,13 @@ def image_paths(targets: Iterable[Path]) -> list[Path]:
 
 def predict_paths(champion: Champion, paths: list[Path]) -> Iterator[dict]:
     _, size, _, channels = champion.model.input_shape
+    # Keras's default of 32 images a step costs small images most of their time in the
+    # steps themselves (5,300 images/s against 9,700 with 1,024 for the 28x28 digits).
+    step = min(BATCH, max(32, INPUT_VALUES_PER_STEP // (size * size * channels)))
     for start in range(0, len(paths), BATCH):
         chunk = paths[start:start + BATCH]
-        probabilities = champion.model.predict(load_images(chunk, size, channels), verbose=0)
+        probabilities = champion.model.predict(load_images(chunk, size, channels),
+                                               batch_size=step, verbose=0)
         for path, row in zip(chunk, probabilities, strict=True):
             best = int(np.argmax(row))
             yield {"path": str(path), "label": champion.class_names[best],
