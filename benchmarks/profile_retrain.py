@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from run import make_project, wait_for  # noqa: E402
-
-from visionops import processes  # noqa: E402
-from visionops.objectstore import free_port  # noqa: E402
+from run import isolated_env, make_project, params_for_model, prefect_server  # noqa: E402
 
 RATE = 100  # samples per second
 OWN_FILES = ("visionops/cli.py", "flows/retrain.py")
@@ -81,27 +77,17 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="visionops-profile-"))
     project = make_project(scratch / "project", args.epochs)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "VISIONOPS_"))}
-    env["PREFECT_HOME"] = str(scratch / "prefect")
+    env = isolated_env(scratch)
     bin_dir = Path(sys.executable).parent
-    server = None
-    if args.prefect_server:
-        port = free_port()
-        server = processes.start([str(bin_dir / "prefect"), "server", "start", "--host",
-                                  "127.0.0.1", "--port", str(port)],
-                                 scratch / "prefect-server.log", env=env)
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-        wait_for(lambda: urllib.request.urlopen(env["PREFECT_API_URL"] + "/health",
-                                                timeout=5), 120)
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.prefect_server:
+            env["PREFECT_API_URL"] = stack.enter_context(
+                prefect_server(env, scratch / "prefect-server.log"))
         # First a retrain that creates the stores, as the benchmark's first champion does;
         # the profiled one registers a model name of its own, so it promotes too.
         subprocess.run([str(bin_dir / "visionops"), "retrain"], cwd=project, env=env,
                        capture_output=True, check=True)
-        params = project / "params-profiled.yaml"
-        params.write_text((project / "params.yaml").read_text().replace(
-            "model_name: visionops-digits", "model_name: profiled"))
+        params = params_for_model(project, "profiled")
         raw = scratch / "retrain.txt"
         started = time.perf_counter()
         done = subprocess.run([py_spy, "record", "--idle", "-r", str(RATE), "-f", "raw",
@@ -109,9 +95,6 @@ def main() -> None:
                                "--json", "--params", str(params)], cwd=project, env=env,
                               capture_output=True, text=True, check=True)
         wall = time.perf_counter() - started
-    finally:
-        if server is not None:
-            processes.stop(server)
     summary = json.loads(next(line for line in reversed(done.stdout.splitlines())
                               if line.startswith("{")))  # py-spy prints after it
     by_line, sampled = main_thread_by_line(raw)

@@ -12,6 +12,7 @@ images/s / a bare decode + model.predict). Ratios and medians of alternating rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -109,6 +110,39 @@ def make_project(root: Path, epochs: int) -> Path:
     return root
 
 
+def isolated_env(scratch: Path) -> dict:
+    """This environment without Prefect, MLflow and visionops settings, and a Prefect home
+    of its own: no server, store or param override of the machine's leaks in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "VISIONOPS_"))}
+    env["PREFECT_HOME"] = str(scratch / "prefect")
+    return env
+
+
+def params_for_model(project: Path, name: str) -> Path:
+    """The project's params.yaml under another registered model name: its retrain takes the
+    whole path of a first champion."""
+    params = project / f"params-{name}.yaml"
+    params.write_text((project / "params.yaml").read_text().replace(
+        "model_name: visionops-digits", f"model_name: {name}"))
+    return params
+
+
+@contextlib.contextmanager
+def prefect_server(env: dict, log: Path):
+    """A `prefect server start` on a free port, stopped by PID; yields its API URL."""
+    port = free_port()
+    server = processes.start(
+        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+         "127.0.0.1", "--port", str(port)], log, env=env)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_for(lambda: urllib.request.urlopen(api + "/health", timeout=5), 120)
+        yield api
+    finally:
+        processes.stop(server)
+
+
 def measure_retrains(project: Path, env: dict, reps: int, label: str) -> dict:
     """Median wall time, training time and their difference over `reps` retrains. Each
     registers a model name of its own in the same store, so each takes the whole path:
@@ -116,9 +150,7 @@ def measure_retrains(project: Path, env: dict, reps: int, label: str) -> dict:
     promotion of a first champion."""
     walls, fits = [], []
     for rep in range(reps):
-        params = project / f"params-{label.replace(' ', '-')}-{rep}.yaml"
-        params.write_text((project / "params.yaml").read_text().replace(
-            "model_name: visionops-digits", f"model_name: bench-{params.stem}"))
+        params = params_for_model(project, f"bench-params-{label.replace(' ', '-')}-{rep}")
         wall, summary = run_cli(["retrain", "--json", "--params", str(params)], project, env)
         assert summary["decision"] == "first_champion", summary["decision"]
         walls.append(wall)
@@ -198,9 +230,7 @@ def main() -> None:
           f"project {statistics.median(project_rates):,.0f} -> ratio "
           f"{results['train_throughput_ratio']:.2f}", flush=True)
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "VISIONOPS_"))}
-    env["PREFECT_HOME"] = str(scratch / "prefect")
+    env = isolated_env(scratch)
     project = make_project(scratch / "project", epochs)
     run_cli(["retrain", "--json"], project, env)  # the first champion; Prefect's database
     overheads = measure_retrains(project, env, args.reps, "ephemeral")
@@ -208,18 +238,10 @@ def main() -> None:
                    overhead_s=overheads["overhead_s"])
     # The nightly deployment and a team's stack run against a Prefect server: no
     # temporary server to start per run.
-    port = free_port()
-    server = processes.start(
-        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
-         "127.0.0.1", "--port", str(port)], scratch / "prefect-server.log", env=env)
-    try:
-        api = f"http://127.0.0.1:{port}/api"
-        wait_for(lambda: urllib.request.urlopen(api + "/health", timeout=5), 120)
+    with prefect_server(env, scratch / "prefect-server.log") as api:
         served = measure_retrains(project, {**env, "PREFECT_API_URL": api}, args.reps,
                                   "with a Prefect server")
         results["overhead_with_prefect_server_s"] = served["overhead_s"]
-    finally:
-        processes.stop(server)
     noop = [run_cli(["retrain", "--json"], project, env)[0] for _ in range(args.reps)]
     results["noop_retrain_s"] = statistics.median(noop)
     print(f"unchanged retrain: {results['noop_retrain_s']:.1f} s (median of {len(noop)})",
