@@ -184,5 +184,9 @@ def export_task(model, out_dir: Path) -> tuple[Path, Path]:
 
 
 @task(name="Promote to champion", **TRANSIENT_RETRIES)
-def promote_task(params: Params, version: str, reason: str, actor: str) -> dict:
-    return Registry(params).promote(version, reason, actor)
+def promote_task(params: Params, version: str, reason: str, actor: str,
+                 expected_champion: str | None) -> dict:
+    """Promote unless the champion is no longer `expected_champion` (ChampionChanged).
+    A retry after a promotion that went through changes and records nothing."""
+    return Registry(params).promote(version, reason, actor,
+                                    expected_champion=expected_champion)

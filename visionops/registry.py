@@ -4,20 +4,19 @@ the history of alias moves that MLflow itself does not keep.
 Every promotion and rollback is recorded as a run in the experiment
 `<experiment_name>-promotions` (event, from and to version, reason, actor, and the
 new champion's test metrics), so the history lives in the same tracking server as
-the models. Promotions take a lock so that two racing ones never leave the alias and
-the Production stage pointing at different versions.
+the models. A promotion takes a lock (visionops.locks: across machines with a Prefect
+server), re-reads the champion and moves it only if it is the one the gate compared
+with; a promotion killed half way is finished or undone by the next one (`repair`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import hashlib
 import socket
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -26,12 +25,20 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from visionops.config import Params
+from visionops.locks import exclusive
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+ANY = object()  # promote() without a compare-and-set
+
+
 class RegistryError(Exception):
     """A registry operation that cannot be done, with the reason."""
+
+
+class ChampionChanged(RegistryError):
+    """The champion is not the one a promotion was decided against."""
 
 
 def default_actor() -> str:
@@ -74,18 +81,11 @@ class Registry:
         return sorted(found, key=lambda v: int(v.version))
 
     def history(self) -> list[dict]:
-        experiment = self.client.get_experiment_by_name(self._history_experiment_name)
-        if experiment is None:
-            return []
-        runs = self.client.search_runs([experiment.experiment_id],
-                                       f"tags.model_name = '{self.name}'",
-                                       order_by=["attributes.start_time ASC"],
-                                       max_results=10_000)
         return [{"time": time.strftime("%Y-%m-%dT%H:%M:%S",
                                        time.localtime(run.info.start_time / 1000)),
                  **{key: run.data.tags.get(key, "") for key in (
                      "event", "from_version", "to_version", "reason", "actor")},
-                 "metrics": run.data.metrics} for run in runs]
+                 "metrics": run.data.metrics} for run in self._history_runs()]
 
     def listing(self) -> list[dict]:
         promoted = {}
@@ -116,35 +116,100 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(version))
 
     def promote(self, version: str | int, reason: str, actor: str | None = None,
-                event: str = "promote") -> dict:
+                event: str = "promote", expected_champion: str | None | object = ANY
+                ) -> dict:
         """Make `version` the champion (alias and stage Production, the previous one
-        archived) and record the move; returns the recorded event."""
+        archived) and record the move; returns the recorded event.
+
+        Compare-and-set: with `expected_champion` (a version, or None for "no champion"),
+        the move happens only if the champion is still that one when the lock is held,
+        else ChampionChanged. Promoting the champion again changes and records nothing."""
         version = str(self.version(version).version)
         with self._lock():
+            self.repair()
             previous = self.champion()
-            self.client.set_registered_model_alias(self.name, CHAMPION, version)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated
-                self.client.transition_model_version_stage(self.name, version, "Production",
-                                                           archive_existing_versions=True)
-            return self._record(event, previous and str(previous.version), version, reason,
-                                actor or default_actor())
+            previous_version = previous and str(previous.version)
+            if previous_version == version:
+                return {"event": "none", "model_name": self.name, "from_version": version,
+                        "to_version": version, "reason": f"v{version} is already champion",
+                        "actor": actor or default_actor()}
+            if expected_champion is not ANY and previous_version != (
+                    expected_champion and str(expected_champion)):
+                raise ChampionChanged(
+                    f"champion changed during the run: the gate compared with "
+                    f"{_named(expected_champion)}, the champion is now "
+                    f"{_named(previous_version)}")
+            journal = self._begin(event, previous_version, version, reason,
+                                  actor or default_actor())
+            self._move_champion(version)
+            self.client.set_terminated(journal["run_id"])
+            return journal
 
     def rollback(self, reason: str, actor: str | None = None) -> dict:
         """Move `champion` back to the version it replaced most recently."""
-        current = self.champion()
+        with self._lock():
+            self.repair()
+            current = self.champion()
         if current is None:
             raise RegistryError(f"{self.name} has no champion to roll back")
         for event in reversed(self.history()):
             if event["to_version"] == str(current.version) and event["from_version"]:
-                return self.promote(event["from_version"], reason, actor, event="rollback")
+                return self.promote(event["from_version"], reason, actor, event="rollback",
+                                    expected_champion=str(current.version))
         raise RegistryError(f"{self.name} v{current.version} replaced no earlier champion; "
                             "nothing to roll back to")
 
+    def repair(self) -> list[str]:
+        """Finish what a killed promotion left half done; returns what was repaired.
+
+        A promotion first opens its history record (an unfinished run), then moves the
+        alias, then the stage, then finishes the record. The alias decides: a record whose
+        version holds it is finished; one whose version does not is marked failed; the
+        Production stage is moved to the alias's version."""
+        repaired = []
+        champion = self.champion()
+        champion_version = champion and str(champion.version)
+        for run in self._history_runs(status="RUNNING"):
+            to_version = run.data.tags.get("to_version", "")
+            if to_version == champion_version:
+                self.client.set_terminated(run.info.run_id)
+                repaired.append(f"recorded the interrupted move to v{to_version}")
+            else:
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+                repaired.append(f"dropped the move to v{to_version}, which never happened")
+        if champion is not None and self._stage_disagrees(champion_version):
+            self._set_production(champion_version)
+            repaired.append(f"stage Production moved to champion v{champion_version}")
+        return repaired
+
     # -- internals -------------------------------------------------------------------------
+    def _move_champion(self, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        self._set_production(version)
+
+    def _set_production(self, version: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated
+            self.client.transition_model_version_stage(self.name, version, "Production",
+                                                       archive_existing_versions=True)
+
+    def _stage_disagrees(self, champion_version: str) -> bool:
+        in_production = {str(v.version) for v in self.versions()
+                         if v.current_stage == "Production"}
+        return in_production != {champion_version}
+
     @property
     def _history_experiment_name(self) -> str:
         return f"{self.params.mlflow.experiment_name}-promotions"
+
+    def _history_runs(self, status: str = "FINISHED") -> list:
+        experiment = self.client.get_experiment_by_name(self._history_experiment_name)
+        if experiment is None:
+            return []
+        return self.client.search_runs(
+            [experiment.experiment_id],
+            f"tags.model_name = '{self.name}' and attributes.status = '{status}'",
+            order_by=["attributes.start_time ASC"], max_results=10_000)
 
     def _history_experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self._history_experiment_name)
@@ -159,8 +224,9 @@ class Registry:
             return self.client.get_experiment_by_name(
                 self._history_experiment_name).experiment_id
 
-    def _record(self, event: str, from_version: str | None, to_version: str, reason: str,
-                actor: str) -> dict:
+    def _begin(self, event: str, from_version: str | None, to_version: str, reason: str,
+               actor: str) -> dict:
+        """Open the move's history record; it counts once finished (see repair)."""
         tags = {"event": event, "model_name": self.name, "from_version": from_version or "",
                 "to_version": to_version, "reason": reason, "actor": actor}
         run = self.client.create_run(self._history_experiment_id(),
@@ -170,23 +236,19 @@ class Registry:
                    self.version(to_version).tags.items() if key.startswith("test_")]
         self.client.log_batch(run.info.run_id, metrics=metrics,
                               tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run.info.run_id)
-        return tags
+        return {**tags, "run_id": run.info.run_id}
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """An exclusive lock for promotions against this tracking store, between processes
-        on this machine (beside a SQLite store, else in ~/.cache/visionops)."""
+    def _lock(self) -> contextlib.AbstractContextManager:
+        """Promotions of this model exclude each other: across machines with a Prefect
+        server, else on this machine (a file beside a SQLite store, or in ~/.cache)."""
         uri = self.params.tracking_uri
         if uri.startswith("sqlite:///"):
             path = Path(uri.removeprefix("sqlite:///") + ".promotion.lock")
         else:
             digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
             path = Path.home() / ".cache" / "visionops" / f"promotion-{digest}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return exclusive(f"promotion-{self.name}", path)
+
+
+def _named(version: str | None) -> str:
+    return f"v{version}" if version else "no champion"

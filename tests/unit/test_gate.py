@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from tasks.gate import FIRST_CHAMPION, PROMOTED, REJECTED, decide, gate_task, mcnemar_exact
+from tasks.gate import (
+    FIRST_CHAMPION,
+    PROMOTED,
+    REJECTED,
+    decide,
+    gate_task,
+    mcnemar_exact,
+    min_wins_for_significance,
+)
 from visionops.config import GateParams
 
 PARAMS = GateParams(metric="f1_macro", min_accuracy=0.8, min_f1_macro=0.8, min_improvement=0.01)
@@ -125,8 +133,13 @@ def test_noise_level_gain_is_refused_by_the_significance_test():
     decision = decide(metrics(f1_macro=0.97), metrics(f1_macro=0.95), PARAMS, "4",
                       paired_correct=(challenger, champion))
     assert decision.decision == REJECTED
-    assert "not significant" in decision.reason and "p=0.625" in decision.reason
-    assert decision.mcnemar == {"b": 3, "c": 1, "p_value": pytest.approx(0.625)}
+    assert "not significant" in decision.reason and "p=0.3125" in decision.reason
+    assert decision.mcnemar == {"b": 3, "c": 1, "p_value": pytest.approx(0.3125)}
+    assert decision.power == {"test_images": 100, "champion_errors": 3, "min_wins": 5,
+                              "can_win": False}
+    assert ("the gate cannot promote on this test split: champion errs on 3 of 100 test "
+            "images; a significant win needs >= 5 challenger-only correct: add test images "
+            "or relax gate.significance (0.05)") in decision.reason
 
 
 def test_significant_gain_is_promoted():
@@ -135,4 +148,29 @@ def test_significant_gain_is_promoted():
     decision = decide(metrics(f1_macro=0.99), metrics(f1_macro=0.87), PARAMS, "4",
                       paired_correct=(challenger, champion))
     assert decision.decision == PROMOTED
-    assert "McNemar exact p=0.0004883" in decision.reason
+    assert "McNemar exact one-sided p=0.0002441" in decision.reason
+    assert decision.power["can_win"] and "cannot promote" not in decision.reason
+
+
+def test_the_fewest_wins_a_significant_gain_needs():
+    assert [min_wins_for_significance(s) for s in (0.05, 0.01, 0.5)] == [5, 7, 2]
+
+
+def test_a_real_gain_on_a_realistic_split_is_promoted():
+    # 1,000 test images, champion 97% right; the challenger fixes 9 and breaks 2
+    champion = np.array([False] * 30 + [True] * 970)
+    challenger = champion.copy()
+    challenger[:9] = True
+    challenger[100:102] = False
+    decision = decide(metrics(f1_macro=0.977), metrics(f1_macro=0.967), PARAMS, "4",
+                      paired_correct=(challenger, champion))
+    assert decision.decision == PROMOTED, decision.reason
+    assert decision.mcnemar["p_value"] == pytest.approx(0.03271484375)
+
+
+def test_a_split_too_small_to_ever_promote_is_named_even_when_the_gain_is_too_small():
+    champion = np.array([False] * 2 + [True] * 254)
+    decision = decide(metrics(f1_macro=0.95), metrics(f1_macro=0.95), PARAMS, "4",
+                      paired_correct=(champion, champion))
+    assert decision.decision == REJECTED
+    assert "champion errs on 2 of 256 test images" in decision.reason
