@@ -42,10 +42,11 @@ from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
 from tasks.version import content_hash, needs_pull, pull_task, version_task
 from visionops.config import DEFAULT_PARAMS, load_params
-from visionops.registry import Registry
+from visionops.registry import CHAMPION_CHANGED, Registry
 from visionops.tracking import (
     code_version,
     epoch_metrics_logger,
+    gate_hash,
     git_commit,
     params_hash,
     use_experiment,
@@ -71,17 +72,18 @@ def _log_dict(values: dict, artifact_file: str, out_dir: Path) -> None:
     upload_task([(path, str(Path(artifact_file).parent))])
 
 
-def _champion_facts(champion_mv, out_dir: Path) -> pd.DataFrame | None:
-    """The image facts table the champion's run recorded, if it has one."""
+def _champion_facts(champion_mv, out_dir: Path) -> tuple[pd.DataFrame | None, str]:
+    """The image facts table the champion's run recorded, or None and why not."""
     if champion_mv is None:
-        return None
+        return None, "no champion yet"
     try:
         path = mlflow.artifacts.download_artifacts(
             run_id=champion_mv.run_id, artifact_path="validation/image_facts.csv",
             dst_path=str(out_dir / "champion"))
-    except (MlflowException, OSError):
-        return None
-    return pd.read_csv(path, dtype={"label": str})
+        return pd.read_csv(path, dtype={"label": str}), ""
+    except (MlflowException, OSError, ValueError) as exc:
+        return None, (f"the image facts of champion v{champion_mv.version} could not be "
+                      f"read ({type(exc).__name__}: {exc})")
 
 
 def _log_drift(report: DriftReport, reference, facts, out_dir: Path) -> None:
@@ -114,35 +116,63 @@ def _check_servable(decision: GateDecision, registered, params, sample, expected
 
 
 def _record_decision(decision: GateDecision, registry: Registry, version: str,
-                     out_dir: Path) -> None:
-    """Every check with its figures in the run; the decision on the run and the version."""
+                     gated_against: str | None, params, out_dir: Path) -> None:
+    """Every check with its figures in the run; the decision on the run and the version,
+    with what it was decided under (the gate's params, the champion compared with)."""
     _log_dict(decision.to_dict(), "gate/decision.json", out_dir)
     mlflow.set_tags({"decision": decision.decision, "reason": decision.reason,
                      **{f"gate.{c.name}": "passed" if c.passed else "failed"
                         for c in decision.checks}})
     if decision.mcnemar:
         mlflow.log_metrics({f"mcnemar_{k}": v for k, v in decision.mcnemar.items()})
-    for key in ("decision", "reason"):
-        registry.client.set_model_version_tag(registry.name, str(version), key,
-                                              getattr(decision, key))
+    if decision.power:
+        mlflow.log_metrics({"gate_champion_errors": decision.power["champion_errors"],
+                            "gate_min_wins": decision.power["min_wins"]})
+        mlflow.set_tag("gate.can_win", str(decision.power["can_win"]).lower())
+    tags = {"decision": decision.decision, "reason": decision.reason,
+            "gate_hash": gate_hash(params), "gated_against": gated_against or ""}
+    for key, value in tags.items():
+        registry.client.set_model_version_tag(registry.name, str(version), key, value)
     get_run_logger().info("Gate: %s (%s)", decision.decision, decision.reason)
 
 
-def _unchanged(champion_mv, lineage: dict, run_id: str, experiment_id: str, params) -> dict:
-    """Data, code and params are those the champion was trained on: nothing to train."""
-    reason = (f"data, code and params are those champion v{champion_mv.version} was "
-              "trained on; nothing to do")
-    mlflow.set_tags({"decision": UNCHANGED, "reason": reason,
-                     "champion_version": str(champion_mv.version)})
+def _gate_again(version, champion_mv, params) -> bool:
+    """Whether a version already trained on this lineage is to be gated again instead of
+    reported unchanged: it was never decided (its run died after registering), the gate's
+    params changed since, or it lost only because the champion changed during its run."""
+    tags = version.tags
+    if "decision" not in tags:
+        return True
+    if tags["decision"] != REJECTED or tags["reason"].startswith("not servable"):
+        return False
+    champion_now = champion_mv and str(champion_mv.version)
+    return (tags.get("gate_hash") != gate_hash(params)
+            or (tags["reason"].startswith(CHAMPION_CHANGED)
+                and tags.get("gated_against") != (champion_now or "")))
+
+
+def _unchanged(same, champion_mv, lineage: dict, run_id: str, experiment_id: str,
+               params) -> dict:
+    """Data, model code and training params are those `same` was trained on and gated
+    with: training again would give the same model, so nothing is trained."""
+    is_champion = champion_mv is not None and str(champion_mv.version) == str(same.version)
+    what = (f"champion v{same.version}" if is_champion else
+            f"v{same.version} ({same.tags.get('decision', 'undecided')}: "
+            f"{same.tags.get('reason', '')})")
+    reason = (f"data, model code and training params are those {what} was trained on; "
+              "nothing to do")
+    mlflow.set_tags({"decision": UNCHANGED, "reason": reason, "same_as_version": str(same.version),
+                     "champion_version": str(champion_mv.version) if champion_mv else ""})
     get_run_logger().info("Nothing changed: %s", reason)
     return {
         **_SUMMARY_DEFAULTS, "data_version": lineage["data_version"], "run_id": run_id,
         "experiment_id": experiment_id, "tracking_uri": params.tracking_uri,
         "metrics": {key.removeprefix("test_"): float(value)
-                    for key, value in champion_mv.tags.items() if key.startswith("test_")},
+                    for key, value in same.tags.items() if key.startswith("test_")},
         "decision": UNCHANGED, "reason": reason, "model_name": params.registry.model_name,
-        "previous_champion_version": champion_mv.version,
-        "champion_version": champion_mv.version,
+        "same_as_version": same.version,
+        "previous_champion_version": champion_mv and champion_mv.version,
+        "champion_version": champion_mv and champion_mv.version,
     }
 
 
@@ -165,6 +195,40 @@ def _decision_markdown(challenger: Evaluation, champion: Evaluation | None,
         f"**Decision:** `{decision.decision}`", "", f"**Reason:** {decision.reason}", "",
         f"Data version (DVC md5): `{data_version}`", "", header, rule, *rows,
     ])
+
+
+def _check_drift(champion_mv, facts, params, out: Path) -> None:
+    """The new data against the champion's; a check that cannot run is a warning tag."""
+    reference, missing = _champion_facts(champion_mv, out)
+    if reference is None:
+        mlflow.set_tag("drift_status", "skipped" if champion_mv else "no_reference")
+        if champion_mv is not None:
+            mlflow.set_tag("drift_warning", f"drift check skipped: {missing}")
+            get_run_logger().warning("Drift check skipped: %s", missing)
+        return
+    name = f"the data of champion v{champion_mv.version}"
+    try:
+        drift = drift_task(reference, facts, params.drift, name)
+    except DataDriftError as exc:
+        _log_drift(exc.report, reference, facts, out)
+        mlflow.set_tags({"decision": "data_drift", "reason": str(exc)})
+        raise
+    _log_drift(drift, reference, facts, out)
+    get_run_logger().info(drift.describe())
+
+
+def _train(prepared, params, lineage: dict, out: Path):
+    # Same data, code and params as an interrupted run: resume from its last epoch.
+    backup = params.root / ".visionops" / "checkpoints" / "-".join(
+        lineage[key].removesuffix(".dir") for key in sorted(lineage))
+    trained = train_task(prepared, params.train, params.augment, out / "train",
+                         callbacks=[epoch_metrics_logger()], backup_dir=backup)
+    mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
+                        "train_images_per_s": trained.train_images * trained.epochs_run
+                        / max(trained.fit_seconds, 1e-9)})
+    upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
+                 (trained.tensorboard_dir, "tensorboard")])
+    return trained
 
 
 @flow(name="retrain", log_prints=True, on_failure=[report_failure])
@@ -199,9 +263,14 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         lineage = {"data_version": content_hash(data), "code_version": code_version(),
                    "params_hash": params_hash(params)}
         mlflow.set_tags(lineage)
-        if champion_mv is not None and all(
-                champion_mv.tags.get(key) == value for key, value in lineage.items()):
-            return _unchanged(champion_mv, lineage, run.info.run_id, experiment_id, params)
+        same = registry.latest_with(lineage)
+        if same is not None and not _gate_again(same, champion_mv, params):
+            return _unchanged(same, champion_mv, lineage, run.info.run_id, experiment_id,
+                              params)
+        if same is not None:
+            logger.info("v%s was trained on this data, model code and training params; "
+                        "gating it again instead of training", same.version)
+            mlflow.set_tag("regated_version", str(same.version))
         # The serve check's process: its imports (seconds) run on the other core while this
         # one validates; it then waits, idle during training, to load the registered version.
         fresh = cleanup.enter_context(FreshProcess(params.tracking_uri))
@@ -217,17 +286,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             raise
         _log_validation(report, facts, out, params.data_docs_dir)
 
-        reference = _champion_facts(champion_mv, out) if params.drift.enabled else None
-        if reference is not None:
-            name = f"the data of champion v{champion_mv.version}"
-            try:
-                drift = drift_task(reference, facts, params.drift, name)
-            except DataDriftError as exc:
-                _log_drift(exc.report, reference, facts, out)
-                mlflow.set_tags({"decision": "data_drift", "reason": str(exc)})
-                raise
-            _log_drift(drift, reference, facts, out)
-            logger.info(drift.describe())
+        if params.drift.enabled:
+            _check_drift(champion_mv, facts, params, out)
 
         version = version_task(data)
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
@@ -240,18 +300,14 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                            for name in ("train", "val", "test")}
                           | {"n_classes": len(prepared.class_names)})
 
-        # Same data, code and params as an interrupted run: resume from its last epoch.
-        backup = params.root / ".visionops" / "checkpoints" / "-".join(
-            lineage[key].removesuffix(".dir") for key in sorted(lineage))
-        trained = train_task(prepared, params.train, params.augment, out / "train",
-                             callbacks=[epoch_metrics_logger()], backup_dir=backup)
-        mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
-                            "train_images_per_s": trained.train_images * trained.epochs_run
-                            / max(trained.fit_seconds, 1e-9)})
-        upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
-                     (trained.tensorboard_dir, "tensorboard")])
+        if same is None:
+            trained = _train(prepared, params, lineage, out)
+            model = trained.model
+        else:
+            trained = None
+            model, _ = load_version(model_name, str(same.version))
 
-        challenger = evaluate_task(trained.model, data, prepared.test.paths, prepared.test.y,
+        challenger = evaluate_task(model, data, prepared.test.paths, prepared.test.y,
                                    prepared.class_names)
         _log_evaluation(challenger, "test", prepared.class_names, out)
 
@@ -269,29 +325,39 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             champion_mv and champion_mv.version, class_recalls(challenger),
             champion and (challenger.predictions == prepared.test.y,
                           champion.predictions == prepared.test.y))
-        registered = register_task(trained.model, model_name, prepared.test.x[:2], {
-            **lineage, "data_version": version.md5, "git_commit": commit,
-            "class_names": json.dumps(prepared.class_names),
-            **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
-        })
+        if same is None:
+            registered = register_task(model, model_name, prepared.test.x[:2], {
+                **lineage, "data_version": version.md5, "git_commit": commit,
+                "class_names": json.dumps(prepared.class_names),
+                **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
+            })
+        else:
+            registered = same
         exporting = None
         if decision.promote:
             sample = prepared.test.x[:8]
-            expected = trained.model.predict(sample, verbose=0)  # before the export uses it
+            expected = model.predict(sample, verbose=0)  # before the export uses it
             # The exports are built while the fresh process loads the version: it is
             # mostly start-up time, and a version that passed the gate almost always serves.
-            exporting = export_task.submit(trained.model, out / "export")
+            exporting = export_task.submit(model, out / "export")
             decision = _check_servable(decision, registered, params, sample, expected,
                                        fresh)
-        _record_decision(decision, registry, registered.version, out)
         if decision.promote:
             registry.set_challenger(registered.version)
             upload_task([(path, f"export/{path.name}" if path.is_dir() else "export")
                          for path in exporting.result()])
-            promote_task(params, registered.version, decision.reason,
-                         f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})")
+            moved = promote_task(params, registered.version, decision.reason,
+                                 f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})",
+                                 champion_mv and str(champion_mv.version))
+            if moved["event"] == "refused":
+                decision = GateDecision(
+                    REJECTED, moved["reason"],
+                    [*decision.checks, Check("champion_unchanged", 0.0, 1.0, False)],
+                    decision.mcnemar, decision.power)
         elif exporting is not None:
             exporting.wait()  # a version that does not serve is not exported
+        _record_decision(decision, registry, registered.version,
+                         champion_mv and str(champion_mv.version), params, out)
         champion_now = registry.champion()
 
         create_markdown_artifact(
@@ -309,8 +375,9 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             "reason": decision.reason,
             "model_name": model_name,
             "model_version": registered.version,
+            "regated": same is not None,
             "previous_champion_version": champion_mv and champion_mv.version,
             "champion_version": champion_now and champion_now.version,
-            "epochs_run": trained.epochs_run,
-            "fit_seconds": trained.fit_seconds,
+            "epochs_run": trained.epochs_run if trained else 0,
+            "fit_seconds": trained.fit_seconds if trained else 0.0,
         }

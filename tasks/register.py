@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import TRANSIENT_RETRIES
 from visionops.config import Params
-from visionops.registry import Registry
+from visionops.registry import ChampionChanged, Registry
 
 # Imports first, then waits for one line: model URI, input .npy, output .npy. Started
 # ahead (see FreshProcess), its seconds of imports overlap the flow's own work.
@@ -186,7 +186,10 @@ def export_task(model, out_dir: Path) -> tuple[Path, Path]:
 @task(name="Promote to champion", **TRANSIENT_RETRIES)
 def promote_task(params: Params, version: str, reason: str, actor: str,
                  expected_champion: str | None) -> dict:
-    """Promote unless the champion is no longer `expected_champion` (ChampionChanged).
-    A retry after a promotion that went through changes and records nothing."""
-    return Registry(params).promote(version, reason, actor,
-                                    expected_champion=expected_champion)
+    """The promotion's event; "refused", with the reason, when the champion is no longer
+    `expected_champion`. A retry after a promotion that went through changes nothing."""
+    try:
+        return Registry(params).promote(version, reason, actor,
+                                        expected_champion=expected_champion)
+    except ChampionChanged as exc:
+        return {"event": "refused", "reason": str(exc), "to_version": str(version)}

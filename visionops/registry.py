@@ -31,6 +31,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 ANY = object()  # promote() without a compare-and-set
+CHAMPION_CHANGED = "champion changed during the run"
 
 
 class RegistryError(Exception):
@@ -79,6 +80,12 @@ class Registry:
     def versions(self) -> list[ModelVersion]:
         found = self.client.search_model_versions(f"name = '{self.name}'")
         return sorted(found, key=lambda v: int(v.version))
+
+    def latest_with(self, tags: dict[str, str]) -> ModelVersion | None:
+        """The newest version carrying all of `tags` (e.g. a run's lineage), or None."""
+        matching = [v for v in self.versions()
+                    if all(v.tags.get(key) == value for key, value in tags.items())]
+        return matching[-1] if matching else None
 
     def history(self) -> list[dict]:
         return [{"time": time.strftime("%Y-%m-%dT%H:%M:%S",
@@ -136,7 +143,7 @@ class Registry:
             if expected_champion is not ANY and previous_version != (
                     expected_champion and str(expected_champion)):
                 raise ChampionChanged(
-                    f"champion changed during the run: the gate compared with "
+                    f"{CHAMPION_CHANGED}: the gate compared with "
                     f"{_named(expected_champion)}, the champion is now "
                     f"{_named(previous_version)}")
             journal = self._begin(event, previous_version, version, reason,

@@ -1,0 +1,65 @@
+"""The nightly loop in steady state: never train twice for the same reason, re-gate when
+only the gate changed, never promote over a champion the gate did not compare with."""
+
+from __future__ import annotations
+
+import pytest
+from projects import make_project, write_params
+
+from flows.retrain import retrain
+from visionops.config import load_params
+from visionops.registry import Registry
+
+ALWAYS_REJECT = {"gate": {"min_improvement": 0.9}}
+
+
+@pytest.fixture(scope="module")
+def rejected(tmp_path_factory, prefect_server):
+    """v1 champion; v2 trained with other training params and rejected by the gate."""
+    root = make_project(tmp_path_factory.mktemp("nightly") / "project")
+    first = retrain(params_path=str(root / "params.yaml"))
+    other = {"train": {"seed": 7}, **ALWAYS_REJECT}
+    second = retrain(params_path=str(write_params(root, other, name="params-other.yaml")))
+    return root, first, second, other
+
+
+def versions(root) -> list[str]:
+    return [str(v.version) for v in Registry(load_params(root / "params.yaml")).versions()]
+
+
+def test_a_rejected_challenger_is_not_trained_again_after_an_unrelated_edit(rejected):
+    root, first, second, other = rejected
+    assert (first["decision"], second["decision"]) == ("first_champion", "rejected")
+    edited = write_params(root, {**other, "notify": {"webhook_url": "http://127.0.0.1:9/x"},
+                                 "schedule": {"cron": "0 3 * * *"},
+                                 "compute": {"dask_workers": 3}},
+                          name="params-edited.yaml")
+
+    summary = retrain(params_path=str(edited))
+
+    assert summary["decision"] == "unchanged", summary["reason"]
+    assert summary["same_as_version"] == second["model_version"]
+    assert f"v{second['model_version']} (rejected:" in summary["reason"]
+    assert summary["epochs_run"] == 0
+    assert versions(root) == ["1", "2"]
+
+
+def test_a_change_to_the_gate_alone_gates_the_last_challenger_again(rejected):
+    root, first, second, other = rejected
+    relaxed = write_params(root, {"train": other["train"],
+                                  "gate": {"min_improvement": 0.0, "significance": 1.0}},
+                           name="params-relaxed.yaml")
+
+    summary = retrain(params_path=str(relaxed))
+
+    assert summary["regated"] and summary["epochs_run"] == 0
+    assert summary["model_version"] == second["model_version"]
+    assert versions(root) == ["1", "2"]
+    registry = Registry(load_params(relaxed))
+    tags = registry.version(second["model_version"]).tags
+    assert tags["decision"] == summary["decision"]
+    assert tags["gated_against"] == str(first["model_version"])
+    if summary["decision"] == "promoted":
+        assert str(registry.champion().version) == str(second["model_version"])
+    again = retrain(params_path=str(relaxed))
+    assert again["decision"] == "unchanged" and versions(root) == ["1", "2"]
