@@ -88,14 +88,15 @@ def test_batch_with_a_defect_is_quarantined_and_the_dataset_unchanged(versioned,
 
     result = ingest(str(landing), params)
 
-    assert not result.accepted and len(result.quarantined) == 22
+    assert not result.accepted and sorted(result.quarantined) == ["1/broken.png",
+                                                                  "3/also a zero.png"]
     assert data_md5(versioned) == before and len(images_in(versioned / "data")) == count
     quarantine = Path(result.quarantine_dir)
-    assert len(images_in(quarantine)) == 22
+    assert len(images_in(quarantine)) == 2
     assert "decodable" in (quarantine / "1" / "broken.png.reason.txt").read_text()
     assert "label conflict" in (quarantine / "3" / "also a zero.png.reason.txt").read_text()
-    innocent = next(p for p in images_in(quarantine / "2"))
-    assert "because of other files" in Path(f"{innocent}.reason.txt").read_text()
+    assert len(result.pending) == 20, "the innocent files wait for the next run"
+    assert all("because of other files" in reason for reason in result.pending.values())
     assert broken.exists() and conflict.exists(), "landing files are never deleted"
 
     retry = ingest(str(landing), params)  # the defective files stay handled
@@ -170,3 +171,48 @@ def test_ingest_from_s3_with_credentials_from_the_environment(versioned, tmp_pat
     with pytest.raises(ClientError):
         ingest("s3://landing/incoming", load_params(versioned / "params.yaml"))
     assert os.environ["AWS_ENDPOINT_URL"] == object_store.endpoint
+
+
+def test_two_ingests_at_once_are_serialised_and_mark_only_what_they_copied(versioned,
+                                                                            tmp_path):
+    from tasks.ingest import landing_states
+
+    landing = new_digits(tmp_path / "landing")
+    racing = [_ingest_process(versioned, landing) for _ in range(2)]
+
+    assert [process.wait(timeout=120) for process in racing] == [0, 0]
+    params = load_params(versioned / "params.yaml")
+    assert len(images_in(versioned / "data")) == 120
+    assert set(landing_states(str(landing), params).values()) == {"accepted"}
+    assert len(list((landing / ".visionops" / "handled").rglob("*.json"))) == 20
+    staging = versioned / ".visionops" / "staging"
+    assert not staging.exists() or not list(staging.iterdir())
+
+
+def test_s3_keys_not_plain_or_too_big_are_quarantined_and_never_block(versioned, tmp_path,
+                                                                       object_store,
+                                                                       monkeypatch):
+    from tasks.ingest import landing_states
+
+    client = object_store.client()
+    client.create_bucket(Bucket="oddkeys")
+    for image in images_in(new_digits(tmp_path / "source")):
+        client.upload_file(str(image), "oddkeys", f"in/{image.parent.name}/{image.name}")
+    client.put_object(Bucket="oddkeys", Key="in/0/", Body=b"")  # a folder placeholder
+    client.put_object(Bucket="oddkeys", Key="in/0/sub/deep.png", Body=b"nested")
+    client.put_object(Bucket="oddkeys", Key="in/stray.png", Body=b"no label")
+    client.put_object(Bucket="oddkeys", Key="in/1/big.png", Body=os.urandom(1500))
+    for key, value in object_store.env().items():
+        monkeypatch.setenv(key, value)
+    params = load_params(versioned / "params.yaml", validation__max_bytes=1000)
+
+    first = ingest("s3://oddkeys/in", params)
+
+    assert sorted(first.quarantined) == ["0/sub/deep.png", "1/big.png", "stray.png"]
+    assert "path levels" in first.quarantined["0/sub/deep.png"][0]
+    assert "1500 bytes, more than validation.max_bytes 1000" in first.quarantined["1/big.png"][0]
+    assert len(first.pending) == 20
+    second = ingest("s3://oddkeys/in", params)
+    assert len(second.accepted) == 20 and not second.quarantined and not second.pending
+    states = list(landing_states("s3://oddkeys/in", params).values())
+    assert (states.count("accepted"), states.count("quarantined"), len(states)) == (20, 3, 23)

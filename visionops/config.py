@@ -36,6 +36,7 @@ class ValidationParams(_Section):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(8192, ge=1)
     min_images_per_class: int = Field(5, ge=1)
+    max_bytes: int = Field(50_000_000, ge=1)  # larger landing files are refused unread
     convert_modes: list[str] = []              # accepted and converted, e.g. CMYK
     expected_classes: list[str] | None = None  # None: any class folders
     max_class_imbalance: float | None = Field(None, ge=1)  # largest / smallest class
@@ -51,6 +52,8 @@ class ValidationParams(_Section):
 class IngestParams(_Section):
     landing: str | None = None  # local folder or s3://bucket/prefix; None: no ingest step
     quarantine_dir: Path = Path("quarantine")
+    git_remote: str | None = None  # git remote name or URL to push data.dvc to; None: no push
+    git_branch: str = Field("main", min_length=1)
 
 
 class DriftParams(_Section):

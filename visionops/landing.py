@@ -2,38 +2,55 @@
 folder or an S3 prefix. Each file is marked once handled (accepted or quarantined)
 by a small JSON marker, `.visionops/handled/<label>/<file>/<fingerprint>.json` in the
 landing area itself, so a replaced file counts as new; files are never deleted.
-S3 is reached with boto3: endpoint and credentials come from the environment
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or the AWS profile, never the repository.
+Every file or object in the area (outside `.visionops/`) is listed, even one that can
+never be ingested (a symbolic link, a nested or oddly spelled key, a non-image): the
+ingest refuses it with a reason, and its marker then lies under
+`.visionops/handled/.refused/<percent-encoded key>/`.
+A local area is read without following any symbolic link, and its `.visionops/` may
+not be one. S3 is reached with boto3: endpoint and credentials come from the
+environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or the AWS profile, never
+the repository.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import posixpath
+import stat
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote, unquote
 
 from visionops.images import IMAGE_SUFFIXES
 
-MARKERS = ".visionops/handled"
+OWN_FOLDER = ".visionops"
+MARKERS = f"{OWN_FOLDER}/handled"
+REFUSED = ".refused"  # marker folder of keys that are not <label>/<file>; no label starts with "."
+MAX_NAME_BYTES = 255  # a file name longer than this cannot be staged on most file systems
+CHUNK = 1 << 20
 
 
-def _marker_key(file: LandingFile) -> str:
-    return f"{MARKERS}/{file.key}/{file.fingerprint}.json"
+class LandingError(Exception):
+    """The landing area cannot be read or marked safely; the message names the path."""
 
 
-def _parse_marker(key: str) -> tuple[str, str] | None:
-    """(landing key, fingerprint) from a marker's key relative to the landing area."""
-    parts = PurePosixPath(key).parts
-    if len(parts) != 5 or "/".join(parts[:2]) != MARKERS or not parts[4].endswith(".json"):
-        return None
-    return f"{parts[2]}/{parts[3]}", parts[4].removesuffix(".json")
+class FileRefused(Exception):
+    """One landing file cannot be ingested; the message is the reason."""
+
+
+class FileChanged(Exception):
+    """A landing file changed between listing and reading; the next run takes it."""
 
 
 @dataclass(frozen=True)
 class LandingFile:
-    key: str          # "<label>/<file>" relative to the landing area
+    key: str          # "<label>/<file>" relative to the landing area (or anything else listed)
     fingerprint: str  # changes when the file is replaced (S3 ETag, or size and mtime)
+    size: int = 0     # bytes, as listed (before reading)
+    problem: str | None = None  # why the area itself refuses it (a symbolic link, ...)
 
     @property
     def label(self) -> str:
@@ -44,10 +61,65 @@ class LandingFile:
         return PurePosixPath(self.key).name
 
 
-def _is_image_key(key: str) -> bool:
+def key_problem(key: str) -> str | None:
+    """Why `key` is not a plain `<label>/<file>`, spelled the one way it normalises to."""
+    if any(unicodedata.category(char) == "Cc" for char in key):
+        return "key contains a control character"
+    if "\\" in key:
+        return "key contains a backslash"
+    if key.startswith("/"):
+        return "key starts with a slash"
+    parts = key.split("/")
+    if posixpath.normpath(key) != key or "" in parts or "." in parts or ".." in parts:
+        return f"key is not in normal form (normalises to {posixpath.normpath(key)!r})"
+    if len(parts) != 2:
+        return (f"{len(parts)} path levels; only <label>/<file> is read "
+                "(no nested folders, no files outside a label folder)")
+    if parts[0].startswith("."):
+        return "label folder name starts with '.'"
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in parts):
+        return f"a name is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def suffix_problem(key: str) -> str | None:
+    suffix = PurePosixPath(key).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return f"suffix {suffix or '(none)'!r} is not one of {sorted(IMAGE_SUFFIXES)}"
+    return None
+
+
+def marker_key(file: LandingFile) -> str:
+    if key_problem(file.key) is None:
+        return f"{MARKERS}/{file.key}/{file.fingerprint}.json"
+    return f"{MARKERS}/{REFUSED}/{quote(file.key, safe='')}/{file.fingerprint}.json"
+
+
+def parse_marker(key: str) -> tuple[str, str] | None:
+    """(landing key, fingerprint) from a marker's key relative to the landing area."""
     parts = PurePosixPath(key).parts
-    return (len(parts) == 2 and not parts[0].startswith(".")
-            and PurePosixPath(key).suffix.lower() in IMAGE_SUFFIXES)
+    if len(parts) != 5 or "/".join(parts[:2]) != MARKERS or not parts[4].endswith(".json"):
+        return None
+    fingerprint = parts[4].removesuffix(".json")
+    if parts[2] == REFUSED:
+        return unquote(parts[3]), fingerprint
+    return f"{parts[2]}/{parts[3]}", fingerprint
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise FileRefused(f"{size} bytes, more than validation.max_bytes {max_bytes}")
+
+
+def _write_private(target: Path, chunks: Iterator[bytes], max_bytes: int) -> None:
+    """Write `chunks` to a new file only its owner can read, refusing more than max_bytes."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    written = 0
+    with os.fdopen(fd, "wb") as out:
+        for chunk in chunks:
+            written += len(chunk)
+            _check_size(written, max_bytes)
+            out.write(chunk)
 
 
 class LocalLanding:
@@ -59,29 +131,102 @@ class LocalLanding:
     def describe(self, file: LandingFile) -> str:
         return str(self.root / file.key)
 
-    def list(self) -> list[LandingFile]:
-        files = []
-        for path in sorted(self.root.glob("*/*")):
-            key = path.relative_to(self.root).as_posix()
-            if path.is_file() and _is_image_key(key):
-                stat = path.stat()
-                files.append(LandingFile(key, f"{stat.st_size}-{stat.st_mtime_ns}"))
-        return files
+    def _own_folder(self, *parts: str) -> Path:
+        """`.visionops/<parts>` in the area, refusing it when any level is a symbolic link."""
+        path = self.root
+        for part in (OWN_FOLDER, *parts):
+            path = path / part
+            if path.is_symlink():
+                raise LandingError(f"{path}: is a symbolic link; the landing area's own "
+                                   "folders must be real folders (it is never followed)")
+        return path
 
-    def fetch(self, file: LandingFile, target: Path) -> None:
-        shutil.copyfile(self.root / file.key, target)
+    def list(self) -> list[LandingFile]:
+        self._own_folder("handled")
+        files: list[LandingFile] = []
+        self._walk("", files)
+        return sorted(files, key=lambda f: f.key)
+
+    def _walk(self, folder: str, files: list[LandingFile]) -> None:
+        with os.scandir(self.root / folder) as entries:
+            for entry in entries:
+                key = f"{folder}/{entry.name}" if folder else entry.name
+                if key == OWN_FOLDER:
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                problem = None
+                if entry.is_symlink():
+                    problem = (f"a symbolic link (to {os.readlink(entry.path)}); links are "
+                               "never followed")
+                elif stat.S_ISDIR(info.st_mode):
+                    self._walk(key, files)
+                    continue
+                elif not stat.S_ISREG(info.st_mode):
+                    problem = "not a regular file"
+                files.append(LandingFile(key, f"{info.st_size}-{info.st_mtime_ns}",
+                                         info.st_size, problem))
+
+    def _open(self, key: str) -> int:
+        """A read descriptor of the file, opened without following a link at any level."""
+        *folders, name = key.split("/")
+        folder_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for folder in folders:
+                inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                dir_fd=folder_fd)
+                os.close(folder_fd)
+                folder_fd = inner
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
+
+    def fetch(self, file: LandingFile, target: Path, max_bytes: int) -> None:
+        try:
+            fd = self._open(file.key)
+        except FileNotFoundError as exc:
+            raise FileChanged(f"{self.describe(file)}: gone since it was listed") from exc
+        except OSError as exc:  # ELOOP, ENOTDIR: a level became a symbolic link
+            raise FileRefused(f"cannot be opened without following a link: {exc.strerror}"
+                              ) from exc
+        with os.fdopen(fd, "rb") as source:
+            info = os.fstat(source.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise FileRefused("not a regular file")
+            if f"{info.st_size}-{info.st_mtime_ns}" != file.fingerprint:
+                raise FileChanged(f"{self.describe(file)}: changed since it was listed")
+            _check_size(info.st_size, max_bytes)
+            _write_private(target, iter(lambda: source.read(CHUNK), b""), max_bytes)
+
+    def markers(self) -> dict[tuple[str, str], dict]:
+        """Every marker's (landing key, fingerprint) and record."""
+        folder = self._own_folder("handled")
+        found = {}
+        for parent, _, names in os.walk(folder):  # never follows links
+            for name in names:
+                path = Path(parent) / name
+                parsed = parse_marker(path.relative_to(self.root).as_posix())
+                if parsed and not path.is_symlink():
+                    found[parsed] = json.loads(path.read_text())
+        return found
 
     def handled(self) -> set[tuple[str, str]]:
-        markers = self.root / MARKERS
-        keys = (p.relative_to(self.root).as_posix() for p in markers.rglob("*.json"))
-        return {parsed for parsed in map(_parse_marker, keys) if parsed}
+        return set(self.markers())
 
     def mark(self, file: LandingFile, record: dict) -> None:
-        path = self.root / _marker_key(file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record))
-        temporary.replace(path)
+        self._own_folder("handled")
+        path = self.root / marker_key(file)
+        folder = self.root
+        for part in PurePosixPath(marker_key(file)).parent.parts:
+            folder = folder / part
+            if folder.is_symlink():
+                raise LandingError(f"{folder}: is a symbolic link; markers are never written "
+                                   "through one")
+            folder.mkdir(exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(record))
+        os.replace(temporary, path)
 
 
 class S3Landing:
@@ -99,34 +244,73 @@ class S3Landing:
     def describe(self, file: LandingFile) -> str:
         return f"s3://{self.bucket}/{self._object_key(file.key)}"
 
-    def list(self) -> list[LandingFile]:
-        files = []
-        start = f"{self.prefix}/" if self.prefix else ""
+    def _items(self, start: str) -> Iterator[dict]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                       Prefix=start)
         for page in pages:
-            for item in page.get("Contents", []):
-                key = item["Key"][len(start):]
-                if _is_image_key(key):
-                    files.append(LandingFile(key, item["ETag"].strip('"')))
+            yield from page.get("Contents", [])
+
+    def list(self) -> list[LandingFile]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        files = []
+        for item in self._items(start):
+            key = item["Key"][len(start):]
+            if key == OWN_FOLDER or key.startswith(OWN_FOLDER + "/"):
+                continue
+            if key.endswith("/") and item["Size"] == 0:  # a console's folder placeholder
+                continue
+            files.append(LandingFile(key, item["ETag"].strip('"'), item["Size"]))
         return sorted(files, key=lambda f: f.key)
 
-    def fetch(self, file: LandingFile, target: Path) -> None:
-        self.client.download_file(self.bucket, self._object_key(file.key), str(target))
+    def fetch(self, file: LandingFile, target: Path, max_bytes: int) -> None:
+        from botocore.exceptions import ClientError
+
+        _check_size(file.size, max_bytes)
+        try:  # IfMatch: the content read is the one the fingerprint (ETag) names
+            response = self.client.get_object(Bucket=self.bucket,
+                                              Key=self._object_key(file.key),
+                                              IfMatch=f'"{file.fingerprint}"')
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "NoSuchKey", "412"):
+                raise FileChanged(f"{self.describe(file)}: changed since it was listed"
+                                  ) from exc
+            raise
+        body = response["Body"]
+        try:
+            _write_private(target, body.iter_chunks(CHUNK), max_bytes)
+        finally:
+            body.close()
+
+    def markers(self) -> dict[tuple[str, str], dict]:
+        skip = len(self._object_key(""))
+        found = {}
+        for item in self._items(self._object_key(MARKERS) + "/"):
+            parsed = parse_marker(item["Key"][skip:])
+            if parsed:
+                body = self.client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"]
+                found[parsed] = json.loads(body.read())
+        return found
 
     def handled(self) -> set[tuple[str, str]]:
-        start = self._object_key(MARKERS) + "/"
         skip = len(self._object_key(""))
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                      Prefix=start)
-        keys = (item["Key"][skip:] for page in pages for item in page.get("Contents", []))
-        return {parsed for parsed in map(_parse_marker, keys) if parsed}
+        keys = (item["Key"][skip:] for item in self._items(self._object_key(MARKERS) + "/"))
+        return {parsed for parsed in map(parse_marker, keys) if parsed}
 
     def mark(self, file: LandingFile, record: dict) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._object_key(_marker_key(file)),
-                               Body=json.dumps(record).encode())
+        """Markers are shared by every host: the first one written for a file wins
+        (a conditional put), so another ingest's marker is never overwritten."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket,
+                                   Key=self._object_key(marker_key(file)),
+                                   Body=json.dumps(record).encode(), IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+                raise
 
 
 def open_landing(source: str | Path) -> LocalLanding | S3Landing:
     source = str(source)
     return S3Landing(source) if source.startswith("s3://") else LocalLanding(Path(source))
+
