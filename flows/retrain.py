@@ -37,7 +37,7 @@ from tasks.register import (
     register_task,
     servability_task,
 )
-from tasks.train import train_task
+from tasks.train import claim_backup_dir, train_task
 from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
 from tasks.version import content_hash, needs_pull, pull_task, version_task
@@ -219,10 +219,14 @@ def _check_drift(champion_mv, facts, params, out: Path) -> None:
 
 def _train(prepared, params, lineage: dict, out: Path):
     # Same data, code and params as an interrupted run: resume from its last epoch.
-    backup = params.root / ".visionops" / "checkpoints" / "-".join(
-        lineage[key].removesuffix(".dir") for key in sorted(lineage))
-    trained = train_task(prepared, params.train, params.augment, out / "train",
-                         callbacks=[epoch_metrics_logger()], backup_dir=backup)
+    lineage_key = "-".join(lineage[key].removesuffix(".dir") for key in sorted(lineage))
+    with claim_backup_dir(params.root / ".visionops" / "checkpoints", lineage_key) as backup:
+        trained = train_task(prepared, params.train, params.augment, out / "train",
+                             callbacks=[epoch_metrics_logger()], backup_dir=backup)
+    if trained.backup_warning:
+        mlflow.set_tag("training_backup_warning", trained.backup_warning)
+    if trained.resumed_from_epoch:
+        mlflow.set_tag("resumed_from_epoch", str(trained.resumed_from_epoch))
     mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
                         "train_images_per_s": trained.train_images * trained.epochs_run
                         / max(trained.fit_seconds, 1e-9)})
@@ -258,6 +262,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             ingested = ingest_task(params.landing, params)
             _log_dict(ingested.to_dict(), "data/ingest.json", out)
             logger.info(ingested.describe())
+            if ingested.pending:
+                mlflow.set_tag("ingest_pending", str(len(ingested.pending)))
 
         champion_mv = registry.champion()
         lineage = {"data_version": content_hash(data), "code_version": code_version(),
@@ -326,11 +332,16 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             champion and (challenger.predictions == prepared.test.y,
                           champion.predictions == prepared.test.y))
         if same is None:
-            registered = register_task(model, model_name, prepared.test.x[:2], {
-                **lineage, "data_version": version.md5, "git_commit": commit,
-                "class_names": json.dumps(prepared.class_names),
-                **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
-            })
+            with registry.lock():  # a run started together with this one may have won
+                same = registry.latest_with(lineage)
+                registered = same or register_task(model, model_name, prepared.test.x[:2], {
+                    **lineage, "data_version": version.md5, "git_commit": commit,
+                    "class_names": json.dumps(prepared.class_names),
+                    **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
+                })
+            if same is not None:
+                return _unchanged(same, champion_mv, lineage, run.info.run_id,
+                                  experiment_id, params)
         else:
             registered = same
         exporting = None

@@ -3,12 +3,18 @@ only the gate changed, never promote over a champion the gate did not compare wi
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from projects import make_project, write_params
 
 from flows.retrain import retrain
 from visionops.config import load_params
 from visionops.registry import Registry
+from visionops.tracking import use_experiment
 
 ALWAYS_REJECT = {"gate": {"min_improvement": 0.9}}
 
@@ -63,3 +69,23 @@ def test_a_change_to_the_gate_alone_gates_the_last_challenger_again(rejected):
         assert str(registry.champion().version) == str(second["model_version"])
     again = retrain(params_path=str(relaxed))
     assert again["decision"] == "unchanged" and versions(root) == ["1", "2"]
+
+
+def test_two_runs_started_together_register_one_version_and_agree_on_the_champion(
+        tmp_path):
+    root = make_project(tmp_path / "project")
+    use_experiment(load_params(root / "params.yaml"))  # the store exists, as on night 2+
+    command = [str(Path(sys.executable).with_name("visionops")), "retrain", "--json",
+               "--params", str(root / "params.yaml")]
+    runs = [subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (_, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr[-2000:]
+    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+
+    assert sorted(s["decision"] for s in summaries) == ["first_champion", "unchanged"]
+    assert versions(root) == ["1"]
+    registry = Registry(load_params(root / "params.yaml"))
+    assert str(registry.champion().version) == "1"
+    assert [e["to_version"] for e in registry.history()] == ["1"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +20,44 @@ INPUT_VALUES_PER_STEP = 2**20  # model.predict's batch: ~4 MB of input, at least
 
 
 @dataclass
-class Champion:
+class LoadedVersion:
     model: object
-    class_names: list[str]
+    class_names: list[str] | None  # None: the version has no `class_names` tag
     version: str
 
 
-def load_champion(params: Params) -> Champion:
-    import mlflow
-
+def load_champion(params: Params) -> LoadedVersion:
+    """The champion's model and class names, both from the one version the alias named
+    when it was read, so that an alias moving meanwhile cannot mix two versions."""
     registry = Registry(params)
     champion = registry.champion()
     if champion is None:
         raise RegistryError(f"{registry.name} has no {CHAMPION} yet: run `visionops retrain`")
-    mlflow.set_tracking_uri(params.tracking_uri)
-    model = mlflow.tensorflow.load_model(f"models:/{registry.name}@{CHAMPION}")
-    return Champion(model, json.loads(champion.tags["class_names"]), str(champion.version))
+    loaded = load_registered_version(params, champion.version)
+    if loaded.class_names is None:
+        raise RegistryError(f"{registry.name} v{loaded.version} has no class_names tag, so "
+                            "its outputs cannot be named")
+    return loaded
+
+
+def load_registered_version(params: Params, version: str | int) -> LoadedVersion:
+    """The Keras model of one registered version and the class names it predicts, read
+    from params' tracking URI, whatever MLflow's process-wide default is."""
+    import mlflow
+
+    registry = Registry(params)
+    model_version = registry.version(version)
+    # A `models:/` URI would be resolved against MLflow's default registry, whatever
+    # tracking URI is passed along with it: ask this registry where the files are.
+    files = registry.client.get_model_version_download_uri(model_version.name,
+                                                           model_version.version)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(files, dst_path=scratch,
+                                                    tracking_uri=params.tracking_uri)
+        model = mlflow.tensorflow.load_model(local)
+    class_names = model_version.tags.get("class_names")
+    return LoadedVersion(model, json.loads(class_names) if class_names else None,
+                         str(model_version.version))
 
 
 def image_paths(targets: Iterable[Path]) -> list[Path]:
@@ -51,7 +74,7 @@ def image_paths(targets: Iterable[Path]) -> list[Path]:
     return paths
 
 
-def predict_paths(champion: Champion, paths: list[Path]) -> Iterator[dict]:
+def predict_paths(champion: LoadedVersion, paths: list[Path]) -> Iterator[dict]:
     _, size, _, channels = champion.model.input_shape
     # Keras's default of 32 images a step costs small images most of their time in the
     # steps themselves (5,300 images/s against 9,700 with 1,024 for the 28x28 digits).

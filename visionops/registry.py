@@ -132,7 +132,7 @@ class Registry:
         the move happens only if the champion is still that one when the lock is held,
         else ChampionChanged. Promoting the champion again changes and records nothing."""
         version = str(self.version(version).version)
-        with self._lock():
+        with self.lock():
             self.repair()
             previous = self.champion()
             previous_version = previous and str(previous.version)
@@ -154,7 +154,7 @@ class Registry:
 
     def rollback(self, reason: str, actor: str | None = None) -> dict:
         """Move `champion` back to the version it replaced most recently."""
-        with self._lock():
+        with self.lock():
             self.repair()
             current = self.champion()
         if current is None:
@@ -245,9 +245,10 @@ class Registry:
                               tags=[RunTag(k, v) for k, v in tags.items()])
         return {**tags, "run_id": run.info.run_id}
 
-    def _lock(self) -> contextlib.AbstractContextManager:
-        """Promotions of this model exclude each other: across machines with a Prefect
-        server, else on this machine (a file beside a SQLite store, or in ~/.cache)."""
+    def lock(self) -> contextlib.AbstractContextManager:
+        """Changes to this model's registry exclude each other: across machines with a
+        Prefect server, else on this machine (a file beside a SQLite store, or in
+        ~/.cache)."""
         uri = self.params.tracking_uri
         if uri.startswith("sqlite:///"):
             path = Path(uri.removeprefix("sqlite:///") + ".promotion.lock")

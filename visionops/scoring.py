@@ -21,17 +21,17 @@ def current_test_split(params: Params):
 def compare_versions(params: Params, versions: list[str]) -> dict:
     from tasks.evaluate import evaluate_model
     from tasks.gate import mcnemar_exact
-    from tasks.register import load_version
     from tasks.version import content_hash
+    from visionops.predict import load_registered_version
 
     registry = Registry(params)
     names = [str(registry.version(v).version) for v in versions]
     paths, y, class_names = current_test_split(params)
     evaluations = {}
     for version in names:
-        model, model_classes = load_version(params.registry.model_name, version)
-        evaluations[version] = evaluate_model(model, params.data_dir, paths, y, class_names,
-                                              model_classes)
+        loaded = load_registered_version(params, version)
+        evaluations[version] = evaluate_model(loaded.model, params.data_dir, paths, y,
+                                              class_names, loaded.class_names)
     b, c, p_value = mcnemar_exact(*(evaluations[v].predictions == y for v in names[:2]))
     return {
         "versions": names, "test_images": len(paths),
