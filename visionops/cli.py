@@ -154,11 +154,13 @@ def ingest(
         _fail("no landing area: give SOURCE or set ingest.landing in params.yaml", code=2)
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from tasks.ingest import IngestBusy
     from tasks.ingest import ingest as ingest_batch
+    from visionops.landing import LandingError
 
     try:
         result = ingest_batch(source, params)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LandingError, IngestBusy) as exc:
         _fail(str(exc))
     except (BotoCoreError, ClientError) as exc:
         _fail(f"{source}: {exc}\n(S3 endpoint and credentials come from AWS_ENDPOINT_URL, "
