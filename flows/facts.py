@@ -15,13 +15,13 @@ from visionops.images import facts_table, image_file_chunks
 CHUNK_SIZE = 500
 
 
-@task(name="Read image facts (chunk)", cache_policy=NO_CACHE)
+@task(name="Read image facts (chunk)", cache_policy=NO_CACHE, timeout_seconds=60 * 60)
 def facts_chunk(root: Path, files: list[tuple[str, str]], max_side: int | None
                 ) -> pd.DataFrame:
     return facts_table(root, files, max_side)
 
 
-@flow(name="image-facts")
+@flow(name="image-facts", timeout_seconds=60 * 60)
 def image_facts_flow(data_dir: Path, max_side: int | None = None) -> pd.DataFrame:
     futures = facts_chunk.map(data_dir, image_file_chunks(data_dir, CHUNK_SIZE), max_side)
     return pd.concat([future.result() for future in futures], ignore_index=True)

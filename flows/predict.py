@@ -12,7 +12,7 @@ from visionops.config import DEFAULT_PARAMS, load_params
 from visionops.predict import image_paths, load_champion, predict_paths
 
 
-@task(name="Label images with the champion")
+@task(name="Label images with the champion", timeout_seconds=6 * 60 * 60)
 def label_folder(params_path: str, folder: str, output_csv: str) -> dict:
     champion = load_champion(load_params(params_path))
     paths = image_paths([Path(folder)])
@@ -29,7 +29,7 @@ def label_folder(params_path: str, folder: str, output_csv: str) -> dict:
             "labels": counts}
 
 
-@flow(name="predict", log_prints=True)
+@flow(name="predict", log_prints=True, timeout_seconds=6 * 60 * 60)
 def predict(folder: str, output_csv: str = "predictions.csv",
             params_path: str = DEFAULT_PARAMS) -> dict:
     summary = label_folder(params_path, folder, output_csv)

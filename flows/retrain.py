@@ -17,7 +17,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.facts import dask_facts
-from flows.hooks import report_failure
+from flows.hooks import (
+    crash_runs_whose_heartbeats_stop,
+    record_process,
+    report_failure,
+    report_unreported_crashes,
+)
 from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
 from tasks.evaluate import (
     Evaluation,
@@ -42,6 +47,7 @@ from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
 from tasks.version import content_hash, needs_pull, pull_task, version_task
 from visionops.config import DEFAULT_PARAMS, load_params
+from visionops.locks import prefect_server_url
 from visionops.registry import CHAMPION_CHANGED, Registry
 from visionops.tracking import (
     code_version,
@@ -235,12 +241,17 @@ def _train(prepared, params, lineage: dict, out: Path):
     return trained
 
 
-@flow(name="retrain", log_prints=True, on_failure=[report_failure])
+@flow(name="retrain", log_prints=True, timeout_seconds=12 * 60 * 60,
+      on_failure=[report_failure], on_crashed=[report_failure], on_running=[record_process])
 def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> dict:
     """Retrain on the dataset, compare with the champion on the same test split, and
     promote the challenger only if the gate passes. Returns the run's summary."""
     logger = get_run_logger()
     params = load_params(params_path)
+    if prefect_server_url():  # a shared server: it marks runs whose heartbeats stop
+        crash_runs_whose_heartbeats_stop()
+    for reported in report_unreported_crashes(params, "retrain"):
+        logger.warning("An earlier run crashed and is now reported: %s", reported)
     data = Path(data_dir).resolve() if data_dir else params.data_dir
     registry = Registry(params)
     model_name = params.registry.model_name

@@ -116,7 +116,8 @@ def write_drift(report: DriftReport, reference: pd.DataFrame, current: pd.DataFr
     return [report_path, plot_drift(reference, current, out_dir / "drift.png")]
 
 
-@task(name="Check data drift against the champion's data", cache_policy=NO_CACHE)
+@task(name="Check data drift against the champion's data", cache_policy=NO_CACHE,
+      timeout_seconds=30 * 60)
 def drift_task(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
                reference_name: str) -> DriftReport:
     """Stops the flow with DataDriftError when any measure reaches the fail threshold."""

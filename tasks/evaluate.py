@@ -107,7 +107,7 @@ def plot_learning_curves(history: dict[str, list[float]], out_dir: Path) -> list
     return paths
 
 
-@task(name="Evaluate on test split", cache_policy=NO_CACHE)
+@task(name="Evaluate on test split", cache_policy=NO_CACHE, timeout_seconds=60 * 60)
 def evaluate_task(model, data_dir: Path, test_paths: list[str], y_test: np.ndarray,
                   class_names: list[str], model_class_names: list[str] | None = None
                   ) -> Evaluation:

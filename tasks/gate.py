@@ -147,7 +147,7 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
                         f"{params.min_improvement}", checks)
 
 
-@task(name="Gate: challenger vs champion", cache_policy=NO_CACHE)
+@task(name="Gate: challenger vs champion", cache_policy=NO_CACHE, timeout_seconds=10 * 60)
 def gate_task(challenger: dict[str, float], champion: dict[str, float] | None,
               params: GateParams, champion_version: str | None = None,
               class_recall: dict[str, float] | None = None,

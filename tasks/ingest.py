@@ -96,7 +96,7 @@ class IngestResult:
         return "\n".join(lines)
 
 
-@task(name="Ingest from landing area", **TRANSIENT_RETRIES)
+@task(name="Ingest from landing area", timeout_seconds=2 * 60 * 60, **TRANSIENT_RETRIES)
 def ingest_task(source: str, params: Params) -> IngestResult:
     return ingest(source, params)
 

@@ -87,7 +87,7 @@ def prepare_data(data_dir: Path, table: pd.DataFrame, params: DataParams) -> Pre
     return PreparedData(class_names=class_names, **arrays)
 
 
-@task(name="Split and preprocess", cache_policy=NO_CACHE)
+@task(name="Split and preprocess", cache_policy=NO_CACHE, timeout_seconds=60 * 60)
 def preprocess_task(data_dir: Path, facts: pd.DataFrame, data: DataParams, split: SplitParams
                     ) -> tuple[pd.DataFrame, PreparedData]:
     table = assign_splits(facts, split)

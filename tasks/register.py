@@ -166,24 +166,25 @@ def ensure_exports(params: Params, version: str) -> bool:
     return True
 
 
-@task(name="Register model version", cache_policy=NO_CACHE)  # not idempotent: no retries
+@task(name="Register model version", cache_policy=NO_CACHE,  # not idempotent: no retries
+      timeout_seconds=30 * 60)
 def register_task(model, model_name: str, sample: np.ndarray, tags: dict[str, str]
                   ) -> ModelVersion:
     return register_model(model, model_name, sample, tags)
 
 
-@task(name="Check it serves from the registry", cache_policy=NO_CACHE)
+@task(name="Check it serves from the registry", cache_policy=NO_CACHE, timeout_seconds=30 * 60)
 def servability_task(model_uri: str, tracking_uri: str, sample: np.ndarray,
                      expected: np.ndarray, fresh: FreshProcess | None = None) -> str | None:
     return check_servable(model_uri, tracking_uri, sample, expected, fresh=fresh)
 
 
-@task(name="Export SavedModel and TFLite", cache_policy=NO_CACHE)
+@task(name="Export SavedModel and TFLite", cache_policy=NO_CACHE, timeout_seconds=30 * 60)
 def export_task(model, out_dir: Path) -> tuple[Path, Path]:
     return export_model(model, out_dir)
 
 
-@task(name="Promote to champion", **TRANSIENT_RETRIES)
+@task(name="Promote to champion", timeout_seconds=10 * 60, **TRANSIENT_RETRIES)
 def promote_task(params: Params, version: str, reason: str, actor: str,
                  expected_champion: str | None) -> dict:
     """The promotion's event; "refused", with the reason, when the champion is no longer

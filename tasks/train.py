@@ -48,7 +48,7 @@ class TrainResult:
     backup_warning: str | None = None  # why a backup was discarded, when one was
 
 
-@task(name="Train model", cache_policy=NO_CACHE)
+@task(name="Train model", cache_policy=NO_CACHE, timeout_seconds=8 * 60 * 60)
 def train_task(data: PreparedData, params: TrainParams, augment: AugmentParams, work_dir: Path,
                callbacks: list[keras.callbacks.Callback] = (), backup_dir: Path | None = None
                ) -> TrainResult:

@@ -32,6 +32,7 @@ def upload(files: list[tuple[Path, str]]) -> None:
                 f"{mlflow.active_run().info.run_id} at {store}: {exc}") from exc
 
 
-@task(name="Upload to the MLflow run", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+@task(name="Upload to the MLflow run", cache_policy=NO_CACHE, timeout_seconds=30 * 60,
+      **TRANSIENT_RETRIES)
 def upload_task(files: list[tuple[Path, str]]) -> None:
     upload(files)

@@ -270,7 +270,7 @@ def write_report(report: ValidationReport, facts: pd.DataFrame, out_dir: Path) -
     return [report_path, facts_path]
 
 
-@task(name="Validate images")
+@task(name="Validate images", timeout_seconds=60 * 60)
 def validate_task(data_dir: Path, rules: ValidationParams, docs_dir: Path | None = None,
                   facts: pd.DataFrame | None = None) -> tuple[ValidationReport, pd.DataFrame]:
     """Stops the flow with DataValidationError before anything is trained."""
