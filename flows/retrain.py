@@ -45,7 +45,15 @@ from tasks.register import (
 from tasks.train import claim_backup_dir, train_task
 from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
-from tasks.version import content_hash, needs_pull, pull_task, version_task
+from tasks.version import (
+    content_hash,
+    dvc_file,
+    needs_pull,
+    pull_task,
+    record_task,
+    sync_task,
+    version_task,
+)
 from visionops.config import DEFAULT_PARAMS, load_params
 from visionops.locks import prefect_server_url
 from visionops.registry import CHAMPION_CHANGED, Registry
@@ -267,7 +275,10 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                          "prefect_flow_run_id": str(flow_run.get_id())})
         mlflow.log_params(params.flat())
 
-        if needs_pull(data):
+        remote, branch = params.ingest.git_remote, params.ingest.git_branch
+        if not data_dir:
+            mlflow.set_tag("data_sync", sync_task(data, remote, branch))
+        elif needs_pull(data):  # a folder given by hand is the user's: only filled if empty
             pull_task(data)
         if params.landing and not data_dir:
             ingested = ingest_task(params.landing, params)
@@ -275,6 +286,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             logger.info(ingested.describe())
             if ingested.pending:
                 mlflow.set_tag("ingest_pending", str(len(ingested.pending)))
+        if dvc_file(data).is_file():
+            upload_task([(dvc_file(data), "data")])
 
         champion_mv = registry.champion()
         lineage = {"data_version": content_hash(data), "code_version": code_version(),
@@ -307,6 +320,9 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             _check_drift(champion_mv, facts, params, out)
 
         version = version_task(data)
+        if not data_dir:  # a hand-edited data/ gets its version here
+            recorded = record_task(data, remote, branch)
+            mlflow.set_tag("data_commit", recorded.commit or "")
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
                          "dvc_remote": version.pushed_to or ""})
         split_table, prepared = preprocess_task(data, facts, params.data, params.split)

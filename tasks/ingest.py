@@ -42,7 +42,7 @@ from prefect import task
 
 from tasks.retry import TRANSIENT_RETRIES
 from tasks.validate import collect_facts, validate_facts
-from tasks.version import DataVersion, dvc_file, version_dataset
+from tasks.version import DataVersion, dvc_file, record_dataset, version_dataset
 from visionops.config import Params
 from visionops.landing import (
     REFUSED,
@@ -177,6 +177,8 @@ def _accept(landing, params: Params, batch: str, staging: Path, plan: BatchPlan,
         return
     version: DataVersion = version_dataset(params.data_dir, push=push)
     result.data_version = version.md5
+    if push:  # where a fresh worker finds it, before any landing file says "accepted"
+        record_dataset(params.data_dir, params.ingest.git_remote, params.ingest.git_branch)
     copied = set(plan.copy["path"])
     for key, (label, sha256) in sorted(plan.accept.items()):
         name = where.get((label, sha256))

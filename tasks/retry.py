@@ -15,9 +15,11 @@ def _causes(error: BaseException):
 
 
 def is_transient_error(error: BaseException) -> bool:
-    """True for connection failures and time-outs, however deep in the cause chain."""
+    """True for connection failures, time-outs and DVC's failed file transfers, however
+    deep in the cause chain."""
     import botocore.exceptions
     import requests
+    from dvc.exceptions import FileTransferError
 
     # RetryError: the HTTP client's own retries on 429/5xx ran out (MLflow's artifact
     # proxy answers 500 while its object store is down).
@@ -25,7 +27,11 @@ def is_transient_error(error: BaseException) -> bool:
                  requests.exceptions.RetryError,
                  botocore.exceptions.EndpointConnectionError,
                  botocore.exceptions.ConnectionClosedError,
-                 botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)
+                 botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError,
+                 # DVC's UploadError and DownloadError: "N files failed to upload/download".
+                 # DVC logs each file's cause and raises without one: a store that went away
+                 # cannot be told from a missing object, so both get the three retries.
+                 FileTransferError)
     return any(isinstance(cause, transient) or "Connection refused" in str(cause)
                for cause in _causes(error))
 

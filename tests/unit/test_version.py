@@ -1,11 +1,13 @@
 import hashlib
 import shutil
+import threading
+import time
 
 import pytest
 import yaml
 from dvc.repo import Repo
 
-from tasks.version import content_hash, version_dataset
+from tasks.version import content_hash, pull_dataset, sync_dataset, version_dataset
 
 REMOTE_CONFIG = """[core]
     no_scm = True
@@ -96,3 +98,84 @@ def test_folder_outside_dvc_gets_the_md5_dvc_add_would_record(dvc_repo, tmp_path
     assert not outside.with_name("data.dvc").exists()
     assert version.md5 == version_dataset(dvc_repo / "data").md5
     assert content_hash(outside) == version.md5
+
+
+def test_a_stale_folder_is_checked_out_to_the_recorded_version(dvc_repo):
+    """A worker whose data/ holds an older version than data.dvc (another worker recorded
+    a newer one) trains on the recorded version, not on what it has."""
+    data = dvc_repo / "data"
+    old = version_dataset(data)
+    (data / "2" / "new.png").write_bytes((data / "1" / "digit_0001.png").read_bytes())
+    removed = next((data / "0").iterdir())
+    removed.unlink()
+    new = version_dataset(data)
+    newer_dvc_file = (dvc_repo / "data.dvc").read_text()
+    (dvc_repo / "data.dvc").write_text(newer_dvc_file.replace(new.md5, old.md5))
+    with Repo(str(dvc_repo)) as repo:
+        repo.checkout(force=True)
+    assert content_hash(data) == old.md5 and removed.exists()
+    (dvc_repo / "data.dvc").write_text(newer_dvc_file)
+
+    assert sync_dataset(data) == "checked out"
+    assert content_hash(data) == new.md5
+    assert (data / "2" / "new.png").is_file() and not removed.exists()
+    assert sync_dataset(data) == "in sync"
+
+
+def test_a_version_missing_from_the_cache_is_pulled(dvc_repo):
+    data = dvc_repo / "data"
+    version = version_dataset(data)
+    shutil.rmtree(dvc_repo / ".dvc" / "cache")
+    (data / "1" / "digit_0001.png").write_bytes(b"stale")
+    with Repo(str(dvc_repo)) as repo:  # the stale content is a version this repo had
+        repo.add(str(data))
+    (dvc_repo / "data.dvc").write_text(
+        yaml.safe_dump({"outs": [{"md5": version.md5, "path": "data", "hash": "md5"}]}))
+    assert sync_dataset(data) == "pulled"
+    assert content_hash(data) == version.md5
+    shutil.rmtree(data)
+    shutil.rmtree(dvc_repo / ".dvc" / "cache")  # a fresh clone: neither data/ nor a cache
+    assert sync_dataset(data) == "pulled"
+    assert content_hash(data) == version.md5
+
+
+def test_images_changed_by_hand_are_kept_for_dvc_add(dvc_repo):
+    """Content no version ever had is new data, not a stale copy: it is not thrown away."""
+    data = dvc_repo / "data"
+    version = version_dataset(data)
+    (data / "0" / "by-hand.png").write_bytes((data / "1" / "digit_0001.png").read_bytes())
+    assert sync_dataset(data) == "modified"
+    assert (data / "0" / "by-hand.png").is_file()
+    assert content_hash(data) != version.md5
+
+
+def test_sync_names_a_broken_dvc_file(dvc_repo):
+    version_dataset(dvc_repo / "data")
+    (dvc_repo / "data.dvc").write_text("outs: []\n")
+    with pytest.raises(ValueError, match="data.dvc: not a DVC file"):
+        sync_dataset(dvc_repo / "data")
+    assert sync_dataset(dvc_repo / "elsewhere") == "untracked"
+
+
+def test_dvc_operations_wait_for_the_lock_another_dvc_command_holds(dvc_repo):
+    """DVC gives up on its lock after 3 s; a run overlapping another one waits instead."""
+    version_dataset(dvc_repo / "data")
+    (dvc_repo / "data" / "0" / "digit_0000.png").unlink()
+    held, hold_s = threading.Event(), 4.0
+
+    def other_dvc_command():
+        with Repo(str(dvc_repo)) as repo, repo.lock:
+            held.set()
+            time.sleep(hold_s)
+
+    other = threading.Thread(target=other_dvc_command)
+    other.start()
+    assert held.wait(30)
+    started = time.monotonic()
+    try:
+        version = version_dataset(dvc_repo / "data")
+    finally:
+        other.join()
+    assert time.monotonic() - started > hold_s - 1
+    assert version.md5 == content_hash(dvc_repo / "data")
+    assert pull_dataset(dvc_repo / "data") == (dvc_repo / "data").resolve()
