@@ -133,7 +133,6 @@ def _record_decision(decision: GateDecision, registry: Registry, version: str,
                      gated_against: str | None, params, out_dir: Path) -> None:
     """Every check with its figures in the run; the decision on the run and the version,
     with what it was decided under (the gate's params, the champion compared with)."""
-    _log_dict(decision.to_dict(), "gate/decision.json", out_dir)
     mlflow.set_tags({"decision": decision.decision, "reason": decision.reason,
                      **{f"gate.{c.name}": "passed" if c.passed else "failed"
                         for c in decision.checks}})
@@ -143,11 +142,13 @@ def _record_decision(decision: GateDecision, registry: Registry, version: str,
         mlflow.log_metrics({"gate_champion_errors": decision.power["champion_errors"],
                             "gate_min_wins": decision.power["min_wins"]})
         mlflow.set_tag("gate.can_win", str(decision.power["can_win"]).lower())
-    tags = {"decision": decision.decision, "reason": decision.reason,
-            "gate_hash": gate_hash(params), "gated_against": gated_against or ""}
+    # on the version first, `decision` last: it marks the record complete (_gate_again)
+    tags = {"reason": decision.reason, "gate_hash": gate_hash(params),
+            "gated_against": gated_against or "", "decision": decision.decision}
     for key, value in tags.items():
         registry.client.set_model_version_tag(registry.name, str(version), key, value)
     get_run_logger().info("Gate: %s (%s)", decision.decision, decision.reason)
+    _log_dict(decision.to_dict(), "gate/decision.json", out_dir)
 
 
 def _gate_again(version, champion_mv, params) -> bool:
@@ -155,13 +156,16 @@ def _gate_again(version, champion_mv, params) -> bool:
     reported unchanged: it was never decided (its run died after registering), the gate's
     params changed since, or it lost only because the champion changed during its run."""
     tags = version.tags
+    if champion_mv is not None and str(champion_mv.version) == str(version.version):
+        return False  # the champion itself (its decision may not have been recorded)
     if "decision" not in tags:
         return True
-    if tags["decision"] != REJECTED or tags["reason"].startswith("not servable"):
+    reason = tags.get("reason", "")
+    if tags["decision"] != REJECTED or reason.startswith(("not servable", "not loadable")):
         return False
     champion_now = champion_mv and str(champion_mv.version)
     return (tags.get("gate_hash") != gate_hash(params)
-            or (tags["reason"].startswith(CHAMPION_CHANGED)
+            or (reason.startswith(CHAMPION_CHANGED)
                 and tags.get("gated_against") != (champion_now or "")))
 
 
@@ -229,6 +233,22 @@ def _check_drift(champion_mv, facts, params, out: Path) -> None:
         raise
     _log_drift(drift, reference, facts, out)
     get_run_logger().info(drift.describe())
+
+
+def _load_to_regate(registry: Registry, version):
+    """The model of a version to gate again, or None (it is then rejected as not
+    loadable, and this run trains instead)."""
+    try:
+        model, _ = load_version(registry.name, str(version.version))
+        return model
+    except (MlflowException, OSError, ValueError) as exc:
+        reason = f"not loadable: {type(exc).__name__}: {exc}"[:500]
+        for key, value in (("reason", reason), ("decision", REJECTED)):
+            registry.client.set_model_version_tag(registry.name, str(version.version),
+                                                  key, value)
+        get_run_logger().warning("v%s cannot be gated again, training instead: %s",
+                                 version.version, reason)
+        return None
 
 
 def _train(prepared, params, lineage: dict, out: Path):
@@ -333,12 +353,13 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                            for name in ("train", "val", "test")}
                           | {"n_classes": len(prepared.class_names)})
 
+        model = trained = None
+        if same is not None:
+            model = _load_to_regate(registry, same)
+            same = same if model is not None else None
         if same is None:
             trained = _train(prepared, params, lineage, out)
             model = trained.model
-        else:
-            trained = None
-            model, _ = load_version(model_name, str(same.version))
 
         challenger = evaluate_task(model, data, prepared.test.paths, prepared.test.y,
                                    prepared.class_names)
@@ -361,6 +382,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         if same is None:
             with registry.lock():  # a run started together with this one may have won
                 same = registry.latest_with(lineage)
+                if same is not None and same.tags.get("reason", "").startswith("not loadable"):
+                    same = None
                 registered = same or register_task(model, model_name, prepared.test.x[:2], {
                     **lineage, "data_version": version.md5, "git_commit": commit,
                     "class_names": json.dumps(prepared.class_names),

@@ -97,16 +97,14 @@ def model_requirements() -> list[str]:
 
 def register_model(model, model_name: str, sample: np.ndarray, tags: dict[str, str]
                    ) -> ModelVersion:
-    """Log the model to the active run and register it, with signature and input example."""
+    """Log the model to the active run and register it, with signature and input example.
+    The version is created with its tags in one call: a version without its lineage
+    would not be recognised by the next run, which would train it again."""
     signature = infer_signature(sample, model.predict(sample, verbose=0))
     info = mlflow.tensorflow.log_model(model, name="model", signature=signature,
-                                       input_example=sample, registered_model_name=model_name,
+                                       input_example=sample,
                                        pip_requirements=model_requirements())
-    client = MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    return client.get_model_version(model_name, version)
+    return mlflow.register_model(info.model_uri, model_name, tags=tags)
 
 
 def check_servable(model_uri: str, tracking_uri: str, sample: np.ndarray,

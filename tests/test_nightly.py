@@ -50,6 +50,33 @@ def test_a_rejected_challenger_is_not_trained_again_after_an_unrelated_edit(reje
     assert versions(root) == ["1", "2"]
 
 
+def test_a_champion_whose_decision_was_never_recorded_is_not_gated_against_itself(
+        rejected):
+    root, first, _, _ = rejected
+    registry = Registry(load_params(root / "params.yaml"))
+    registry.client.delete_model_version_tag("tiny-digits", "1", "decision")
+
+    summary = retrain(params_path=str(root / "params.yaml"))
+
+    assert summary["decision"] == "unchanged", summary["reason"]
+    assert summary["same_as_version"] == first["model_version"]
+    assert versions(root) == ["1", "2"]
+
+
+def test_a_version_whose_run_died_before_its_decision_is_gated_without_training(rejected):
+    root, _, second, other = rejected
+    registry = Registry(load_params(root / "params.yaml"))
+    for key in ("decision", "reason"):
+        registry.client.delete_model_version_tag("tiny-digits", "2", key)
+
+    summary = retrain(params_path=str(root / "params-other.yaml"))
+
+    assert summary["regated"] and summary["epochs_run"] == 0
+    assert summary["decision"] == "rejected"
+    assert registry.version("2").tags["decision"] == "rejected"
+    assert versions(root) == ["1", "2"]
+
+
 def test_a_change_to_the_gate_alone_gates_the_last_challenger_again(rejected):
     root, first, second, other = rejected
     relaxed = write_params(root, {"train": other["train"],

@@ -1,10 +1,12 @@
-"""Exclusive locks for what must not run twice at once (promotions, ingests).
+"""Exclusive locks for what must not run twice at once (promotions, registrations).
 
-With a Prefect server (`PREFECT_API_URL`, as on the team stack and every worker) the
-lock is a Prefect global concurrency limit of 1, so it holds across machines and users;
-its slot is leased, so a holder that is killed frees it when the lease runs out. Without
-one (a laptop: SQLite store, Prefect's temporary server) every party is on this machine
-and the lock is an fcntl lock on a file, which the OS frees when its holder dies.
+Every party takes an fcntl lock on a file of this machine (beside a SQLite store, so
+everyone using that store shares it), which the OS frees when its holder dies. With a
+Prefect server (`PREFECT_API_URL`, as on the team stack and every worker) a party also
+takes a Prefect global concurrency limit of 1 first, so the lock holds across machines
+and users; its slot is leased, so a holder that is killed frees it when the lease runs out.
+A party without `PREFECT_API_URL` on another machine than the store is not excluded:
+set it wherever the team's stores are used (`visionops stack env` does).
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import contextlib
 import fcntl
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_TIMEOUT_S = 30 * 60  # a promotion or an ingest that waits longer is stuck: fail it
 LEASE_S = 300             # Prefect renews the slot's lease while the holder lives
+
+
+class LockTimeout(TimeoutError):
+    """The lock was held by another party for longer than we wait."""
 
 
 def prefect_server_url() -> str | None:
@@ -33,10 +40,19 @@ def limit_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{path}: held by another process for over "
+                                      f"{timeout_s:.0f} s") from None
+                time.sleep(0.2)
         try:
             yield
         finally:
@@ -49,23 +65,22 @@ def prefect_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.upsert_global_concurrency_limit_by_name(name, limit=1)
-        except ObjectAlreadyExists:  # created meanwhile by another party (not atomic)
-            pass
+    with get_client(sync_client=True) as client, \
+            contextlib.suppress(ObjectAlreadyExists):  # created meanwhile (not atomic)
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S,
                      strict=True):
         yield
 
 
 @contextlib.contextmanager
-def exclusive(name: str, local_path: Path) -> Iterator[str]:
-    """Hold the lock `name`; yields where it is held ("prefect:<limit>" or the file)."""
-    if prefect_server_url():
-        limit = limit_name(name)
-        with prefect_lock(limit):
-            yield f"prefect:{limit}"
-    else:
-        with file_lock(local_path):
-            yield str(local_path)
+def exclusive(name: str, local_path: Path) -> Iterator[list[str]]:
+    """Hold the lock `name`; yields where it is held (the Prefect limit, the file)."""
+    with contextlib.ExitStack() as held:
+        where = []
+        if prefect_server_url():
+            where.append(f"prefect:{limit_name(name)}")
+            held.enter_context(prefect_lock(limit_name(name)))
+        held.enter_context(file_lock(local_path))
+        where.append(str(local_path))
+        yield where

@@ -68,9 +68,14 @@ def params_hash(params: Params) -> str:
     return _hash(params.model_dump(mode="json", include=set(MODEL_PARAMS)))
 
 
+GATE_CODE = ("tasks/gate.py", "tasks/evaluate.py")
+
+
 def gate_hash(params: Params) -> str:
-    """A hash of the gate's params: a version gated under others is gated again."""
-    return _hash(params.gate.model_dump(mode="json"))
+    """A hash of the gate's params and code: a version gated under others is gated again."""
+    top = Path(__file__).resolve().parents[1]
+    code = {name: hashlib.sha256((top / name).read_bytes()).hexdigest() for name in GATE_CODE}
+    return _hash({"params": params.gate.model_dump(mode="json"), "code": code})
 
 
 def git_commit(root: Path) -> str:
