@@ -68,6 +68,9 @@ def test_a_version_whose_run_died_before_its_decision_is_gated_without_training(
     registry = Registry(load_params(root / "params.yaml"))
     for key in ("decision", "reason"):
         registry.client.delete_model_version_tag("tiny-digits", "2", key)
+    champion_run = registry.version("1").run_id
+    (facts,) = root.glob(f"mlartifacts/**/{champion_run}/artifacts/validation/image_facts.csv")
+    facts.unlink()  # the drift check's reference is gone
 
     summary = retrain(params_path=str(root / "params-other.yaml"))
 
@@ -75,6 +78,10 @@ def test_a_version_whose_run_died_before_its_decision_is_gated_without_training(
     assert summary["decision"] == "rejected"
     assert registry.version("2").tags["decision"] == "rejected"
     assert versions(root) == ["1", "2"]
+    tags = registry.client.get_run(summary["run_id"]).data.tags
+    assert tags["drift_status"] == "skipped"
+    assert tags["drift_warning"].startswith("drift check skipped: the image facts of "
+                                            "champion v1 could not be read")
 
 
 def test_a_change_to_the_gate_alone_gates_the_last_challenger_again(rejected):
