@@ -48,6 +48,17 @@ if len(request) == 3:
 """
 
 
+def _die_with_parent() -> None:
+    """In the child, before it runs: the kernel sends it SIGKILL once the thread that
+    started it is gone (Linux's PR_SET_PDEATHSIG), so a killed flow leaves no orphan."""
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # else it ends at its stdin's end
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 class FreshProcess:
     """A new Python process that will load a registered version through mlflow.pyfunc,
     as a server would, sharing nothing with this one; start it early, ask it once."""
@@ -56,7 +67,8 @@ class FreshProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def predict(self, model_uri: str, sample: np.ndarray, timeout: float = 600
                 ) -> np.ndarray | str:

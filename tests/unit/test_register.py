@@ -118,3 +118,32 @@ def test_servability_is_checked_in_a_fresh_process_from_the_registry(tracking, t
     assert problem is not None and "differ by up to 1.00e-02" in problem
     missing = check_servable(f"models:/{NAME}/99", store, x, expected)
     assert missing is not None and "failed to load or predict in a fresh process" in missing
+
+
+def test_the_fresh_process_dies_with_a_flow_killed_outright(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    flow = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom tasks.register import FreshProcess\n"
+        f"process = FreshProcess('sqlite:///{tmp_path}/mlflow.db')\n"
+        "print(process.process.pid, flush=True)\ntime.sleep(120)\n")],
+        stdout=subprocess.PIPE, text=True)
+    fresh = psutil.Process(int(flow.stdout.readline()))
+    flow.send_signal(signal.SIGKILL)
+    flow.wait()
+    deadline = time.monotonic() + 2  # its imports alone take longer: it must be killed
+    while time.monotonic() < deadline:
+        try:
+            if fresh.status() == psutil.STATUS_ZOMBIE:  # dead; its new parent may not reap
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        fresh.kill()
+        raise AssertionError("the serve check's process outlived the killed flow")
