@@ -3,18 +3,23 @@ written under reports/failures/ and, when `notify.webhook_url` is set, posted th
 
 A run killed outright (SIGKILL, the OOM killer) cannot report itself. The next run does
 (`report_unreported_crashes`): it reports every Crashed run not reported yet, and first
-marks Crashed the Running runs whose process on this host is gone (`record_process` tags
-each run with its host and PID). On a Prefect server, a run lost with its worker or host
-is set Crashed by the server once its heartbeats stop (`crash_runs_whose_heartbeats_stop`),
-and the next run then reports it the same way."""
+marks Crashed the Running runs whose process on this host is gone. Each time a run enters
+Running, `record_process` tags it with its process: hostname, machine id, boot id, PID
+namespace, PID and the process's start time; the last such tag is the run's process now
+(a retried run gets a new one). A run is judged only on the host that ran it: there, it
+is gone if the host restarted since (another boot id) or no process with that PID and
+start time exists. On a Prefect server, a run lost with its worker or host is set
+Crashed by the server once its heartbeats stop (`crash_runs_whose_heartbeats_stop`), and
+the next run then reports it the same way."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 import urllib.request
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -41,6 +46,9 @@ PROCESS_TAG_PREFIX = "visionops:process:"
 ZOMBIE_AUTOMATION = "visionops: crash runs whose heartbeats stopped"
 # The most recent runs looked at by one scan: a backlog beyond it is reported by later runs.
 SCAN_LIMIT = 200
+# A run that entered Running this recently may not have tagged its new process yet.
+TAGGING_GRACE_S = 5.0
+UNKNOWN = "-"
 
 
 def report_failure(flow, flow_run, state) -> None:
@@ -53,18 +61,33 @@ def report_failure(flow, flow_run, state) -> None:
 
 
 def record_process(flow, flow_run, state) -> None:
-    """Prefect on_running hook: tag the run with this host and PID, so that a later run
-    can tell a run whose process is gone from one that is still running."""
-    _add_tag(flow_run.id, process_tag(this_host(), os.getpid()))
+    """Prefect on_running hook: tag the run with this process (last among its process
+    tags), so that a later run can tell a run whose process is gone from a running one."""
+    tag = this_process().tag()
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(flow_run.id).tags  # those set since the run started too
+        client.update_flow_run(flow_run.id, tags=[*(t for t in tags if t != tag), tag])
 
 
 def report_unreported_crashes(params: Params, flow_name: str) -> list[str]:
     """Report, like a failure, every Crashed run of `flow_name` that has not been
     reported, and tag it reported. Before that, a Running run whose process on this host
-    is gone is set Crashed. Returns the names of the runs reported."""
-    here = this_host()
+    is gone is set Crashed. Returns the names of the runs reported. Never fails its
+    caller: when the Prefect API cannot be used, it logs a warning and returns the runs
+    reported until then (the next run scans again)."""
     logger = _logger()
-    reported = []
+    reported: list[str] = []
+    try:
+        _report_unreported_crashes(params, flow_name, reported, logger)
+    except Exception as error:  # noqa: BLE001 - a scan must never stop the night's run
+        logger.warning("could not look for crashed runs of %s: %s: %s", flow_name,
+                       type(error).__name__, error)
+    return reported
+
+
+def _report_unreported_crashes(params: Params, flow_name: str, reported: list[str],
+                               logger) -> None:
+    here = this_process()
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
@@ -76,11 +99,18 @@ def report_unreported_crashes(params: Params, flow_name: str) -> list[str]:
                 continue
             state = run.state
             if state.is_running():
-                gone = gone_process(run.tags, here, run.start_time)
+                gone = gone_process(run.tags, here)
+                since = time.time() - state.timestamp.timestamp()
+                if gone is not None and since < TAGGING_GRACE_S:
+                    time.sleep(TAGGING_GRACE_S - since)  # its new process may tag it now
+                    run = client.read_flow_run(run.id)
+                    state = run.state
+                    gone = gone_process(run.tags, here) if state.is_running() else None
                 if gone is None:
                     continue
-                state = Crashed(message=f"its process ({gone} on {here}) is gone: killed "
-                                        "outright (SIGKILL, out of memory) or its host restarted")
+                state = Crashed(message=f"its process ({gone.pid} on {gone.host}) is gone: "
+                                        "killed outright (SIGKILL, out of memory) or its "
+                                        "host restarted")
                 client.set_flow_run_state(run.id, state, force=True)
             try:
                 summary = failure_summary(flow_name, run, state)
@@ -195,28 +225,53 @@ def _add_tag(flow_run_id, tag: str) -> None:
             client.update_flow_run(flow_run_id, tags=[*tags, tag])
 
 
-def this_host() -> str:
-    """This host, and on Linux its PID namespace: two containers may share a hostname."""
+def this_process() -> RecordedProcess:
+    process = psutil.Process()
+    return RecordedProcess(host=socket.gethostname(), machine=_read_id("/etc/machine-id"),
+                           boot=_read_id("/proc/sys/kernel/random/boot_id"),
+                           pid_namespace=_pid_namespace(), pid=process.pid,
+                           created=process.create_time())
+
+
+def _read_id(path: str) -> str:
     try:
-        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+        return Path(path).read_text().strip().replace(":", "") or UNKNOWN
     except OSError:
-        return socket.gethostname()
-    return f"{socket.gethostname()}/{namespace.removeprefix('pid:').strip('[]')}"
+        return UNKNOWN
 
 
-def gone_process(tags: list[str], host: str, started: datetime | None) -> int | None:
-    """The PID a run recorded on `host`, if that process no longer exists (or the PID now
-    belongs to a process that started after the run did)."""
-    pid = recorded_pid(tags, host)
-    if pid is None:
-        return None
+def _pid_namespace() -> str:
+    """On Linux, the PID namespace's inode: two containers of one host see different PIDs."""
     try:
-        process = psutil.Process(pid)
-        alive = process.status() != psutil.STATUS_ZOMBIE and (
-            started is None or process.create_time() <= started.timestamp() + 1)
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    except OSError:
+        return UNKNOWN
+
+
+def is_running(process: RecordedProcess) -> bool:
+    """Whether the process recorded (on this host and boot) still runs: a process with
+    its PID exists, is no zombie, and started when the recorded one did."""
+    try:
+        found = psutil.Process(process.pid)
+        return (found.status() != psutil.STATUS_ZOMBIE
+                and abs(found.create_time() - process.created) <= 1.0)
     except psutil.NoSuchProcess:
-        alive = False
-    return None if alive else pid
+        return False
+
+
+def gone_process(tags: list[str], here: RecordedProcess) -> RecordedProcess | None:
+    """The run's process (its last process tag), if it ran on this host and is gone:
+    the host restarted since, or it no longer runs. None when it runs, when it ran on
+    another host (or container) whose processes cannot be seen from here, or when no
+    process was recorded."""
+    recorded = last_process(tags)
+    if recorded is None or not here.same_host(recorded):
+        return None
+    if recorded.boot != here.boot:
+        return recorded  # a process never survives a restart of its host
+    if recorded.pid_namespace != here.pid_namespace:
+        return None
+    return None if is_running(recorded) else recorded
 
 
 def report_path(root: Path, flow_run_name: str) -> Path:
@@ -231,14 +286,40 @@ def report_markdown(summary: dict) -> str:
             f"**Why:**\n\n```\n{summary['reason']}\n```\n")
 
 
-def process_tag(host: str, pid: int) -> str:
-    return f"{PROCESS_TAG_PREFIX}{host}:{pid}"
+@dataclass(frozen=True)
+class RecordedProcess:
+    """A process as a run's tag records it."""
+    host: str           # hostname
+    machine: str        # /etc/machine-id: tells apart two machines of one hostname
+    boot: str           # the kernel's boot id: changes when the host restarts
+    pid_namespace: str  # tells apart two containers of one host and hostname
+    pid: int
+    created: float      # when the process started (seconds since the epoch)
+
+    def tag(self) -> str:
+        return (f"{PROCESS_TAG_PREFIX}{self.host}:{self.machine}:{self.boot}:"
+                f"{self.pid_namespace}:{self.pid}:{self.created:.2f}")
+
+    def same_host(self, other: RecordedProcess) -> bool:
+        """Same hostname, and not two machines known apart by their machine ids."""
+        return self.host == other.host and (
+            UNKNOWN in (self.machine, other.machine) or self.machine == other.machine)
 
 
-def recorded_pid(tags: list[str], host: str) -> int | None:
-    """The PID recorded by `record_process` on `host`, None if none was recorded there."""
-    prefix = f"{PROCESS_TAG_PREFIX}{host}:"
-    for tag in tags:
-        if tag.startswith(prefix) and tag.removeprefix(prefix).isdigit():
-            return int(tag.removeprefix(prefix))
-    return None
+def parse_process_tag(tag: str) -> RecordedProcess | None:
+    if not tag.startswith(PROCESS_TAG_PREFIX):
+        return None
+    fields = tag.removeprefix(PROCESS_TAG_PREFIX).split(":")
+    if len(fields) != 6 or not fields[4].isdigit():
+        return None  # a tag of an older format, or not ours
+    host, machine, boot, namespace, pid, created = fields
+    try:
+        return RecordedProcess(host, machine, boot, namespace, int(pid), float(created))
+    except ValueError:
+        return None
+
+
+def last_process(tags: list[str]) -> RecordedProcess | None:
+    """The process a run recorded last: the one that runs it now, wherever it is."""
+    recorded = [process for process in map(parse_process_tag, tags) if process]
+    return recorded[-1] if recorded else None

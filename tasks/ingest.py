@@ -15,8 +15,12 @@ Every landing file ends in exactly one state (`landing_states`):
 A batch with any quarantined file adds nothing to the dataset. Otherwise every file not
 left pending is copied, `data/` is re-versioned with DVC and pushed, and only then are
 the files that are really in `data/` marked accepted. Ingests into one project are
-serialised by a lock file, `.visionops/ingest.lock`; each stages in its own
-`.visionops/staging/<batch>`, and what dead ingests left is removed only under the lock.
+serialised by a lock file, `.visionops/ingest.lock`, and ingests from one landing area
+by `landing_lock` (across machines with a Prefect server, and on this machine by a lock
+file in ~/.cache/visionops); each stages in its own `.visionops/staging/<batch>`, and what
+dead ingests left is removed only under the lock. A file whose quarantine copy, reason
+file or marker cannot be written never blocks the others: it is quarantined with that
+error among its reasons, or left pending with it.
 Every step can be interrupted and run again: copies are atomic and content-addressed,
 so nothing is lost and nothing is counted twice.
 """
@@ -26,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
 import socket
@@ -34,7 +40,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import pandas as pd
 import yaml
@@ -48,11 +53,16 @@ from visionops.landing import (
     REFUSED,
     FileChanged,
     FileRefused,
+    LandingError,
     LandingFile,
+    encoded,
+    fits,
+    key_digest,
     key_problem,
     open_landing,
     suffix_problem,
 )
+from visionops.locks import file_lock, limit_name, prefect_lock, prefect_server_url
 
 WORK = Path(".visionops")
 PARTIAL_SUFFIX = ".partial"
@@ -61,10 +71,12 @@ LOCK_TIMEOUT_S = 3600.0
 # Class-level checks that more images of the class can pass: its files wait, pending.
 WAITING_CHECKS = frozenset({"minimum images per class", "class balance"})
 ACCEPTED, QUARANTINED, PENDING, LOST = "accepted", "quarantined", "pending", "lost"
+LOGGER = logging.getLogger("visionops.ingest")
 
 
 class IngestBusy(RuntimeError):
-    """Another ingest into this project held the lock for longer than the timeout."""
+    """Another ingest into this project, or from this landing area, held its lock for
+    longer than the timeout."""
 
 
 @dataclass
@@ -104,7 +116,8 @@ def ingest_task(source: str, params: Params) -> IngestResult:
 def ingest(source: str, params: Params, push: bool = True,
            lock_timeout: float = LOCK_TIMEOUT_S) -> IngestResult:
     landing = open_landing(source)
-    with ingest_lock(params.root / WORK / "ingest.lock", lock_timeout):
+    with ingest_lock(params.root / WORK / "ingest.lock", lock_timeout), \
+            landing_lock(landing.url, lock_timeout):
         _clean_dead_ingests(params)
         batch = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         staging = params.root / WORK / "staging" / batch
@@ -143,9 +156,12 @@ def _ingest_batch(landing, source: str, params: Params, batch: str, staging: Pat
     for key, reasons in plan.defects.items():
         defects.setdefault(key, []).extend(reasons)
     if defects:
-        result.quarantine_dir = str(_quarantine(params, batch, staging, landing,
-                                                [files[key] for key in defects], defects))
-        result.quarantined = dict(sorted(defects.items()))
+        folder, unmarked = _quarantine(params, batch, staging, landing,
+                                       [files[key] for key in defects], defects)
+        result.quarantine_dir = str(folder)
+        result.quarantined = {key: reasons for key, reasons in sorted(defects.items())
+                              if key not in unmarked}
+        result.pending.update(unmarked)
         others = ", ".join(sorted(defects))
         for key in sorted(staged["path"]):
             if key not in defects:
@@ -229,6 +245,30 @@ def ingest_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def landing_lock(url: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[list[str]]:
+    """Hold the lock of the landing area `url` (`open_landing(...).url`), so that two
+    ingests from it never run at once: with a Prefect server a global concurrency limit
+    (every machine), and always a lock file of this machine (two clones here, server or
+    not). Yields where it is held; raises IngestBusy after waiting `timeout` seconds."""
+    with contextlib.ExitStack() as held:
+        where = []
+        try:
+            if prefect_server_url():
+                where.append(f"prefect:{limit_name(landing_lock_name(url))}")
+                held.enter_context(prefect_lock(limit_name(landing_lock_name(url)), timeout))
+            where.append(str(landing_lock_path(url)))
+            held.enter_context(file_lock(landing_lock_path(url), timeout))
+        except TimeoutError:
+            raise IngestBusy(f"{url}: another ingest from this landing area still holds "
+                             f"{where[-1]} after {timeout:.0f} s") from None
+        yield where
+
+
+def landing_lock_path(url: str) -> Path:
+    return Path.home() / ".cache" / "visionops" / f"ingest-{key_digest(url)[:16]}.lock"
+
+
 def _clean_dead_ingests(params: Params) -> None:
     """Under the lock no other ingest runs: every staging folder and partial copy left
     is from a dead one."""
@@ -259,25 +299,44 @@ def _sha256(path: Path) -> str | None:
 
 
 def _quarantine(params: Params, batch: str, staging: Path, landing,
-                files: list[LandingFile], reasons: dict[str, list[str]]) -> Path:
+                files: list[LandingFile], reasons: dict[str, list[str]]
+                ) -> tuple[Path, dict[str, str]]:
     """Keep each file (when it was read) with its reasons, readable by the owner only,
-    and mark it. A file never read (a link, too big, an odd key) gets its reasons only."""
+    and mark it. A file never read (a link, too big, an odd key) gets its reasons only.
+    One file's error never stops the others: a copy or reason file that cannot be written
+    adds the error to its reasons; a marker that cannot be written leaves the file
+    pending. Returns the folder and the files left pending (key -> why)."""
     root = _private_folder(params.root / params.ingest.quarantine_dir)
     folder = _private_folder(root / batch)
+    unmarked: dict[str, str] = {}
     for file in files:
-        plain = key_problem(file.key) is None
-        target = folder / file.key if plain else folder / REFUSED / quote(file.key, safe="")
-        _private_folder(target.parent)
-        if plain and (staging / file.key).is_file():
-            shutil.copyfile(staging / file.key, target)
-            os.chmod(target, 0o600)
-        reason_file = target.with_name(target.name + ".reason.txt")
-        fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write("\n".join(reasons[file.key]) + "\n")
-        landing.mark(file, {"status": QUARANTINED, "batch": batch,
-                            "reasons": reasons[file.key]})
-    return folder
+        try:
+            _keep(folder, staging, file.key, reasons[file.key])
+        except OSError as exc:
+            reasons[file.key].append(f"its copy or reason file could not be written in "
+                                     f"{folder}: {exc}")
+            LOGGER.warning("%s: %s", landing.describe(file), reasons[file.key][-1])
+        try:
+            landing.mark(file, {"status": QUARANTINED, "batch": batch,
+                                "reasons": reasons[file.key]})
+        except (OSError, LandingError) as exc:
+            unmarked[file.key] = (f"quarantined ({'; '.join(reasons[file.key])}), but its "
+                                  f"marker could not be written: {exc}; taken by the next run")
+            LOGGER.warning("%s: %s", landing.describe(file), unmarked[file.key])
+    return folder, unmarked
+
+
+def _keep(folder: Path, staging: Path, key: str, reasons: list[str]) -> None:
+    copy, reason = quarantine_names(key)
+    if copy is not None and (staging / copy).is_file():
+        _private_folder((folder / copy).parent)
+        shutil.copyfile(staging / copy, folder / copy)
+        os.chmod(folder / copy, 0o600)
+    reason_file = folder / reason
+    _private_folder(reason_file.parent)
+    fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as out:
+        out.write(f"landing key: {json.dumps(key)}\n" + "\n".join(reasons) + "\n")
 
 
 def dataset_files(data_dir: Path) -> set[str]:
@@ -300,6 +359,24 @@ def dataset_files(data_dir: Path) -> set[str]:
 
 
 # --- pure logic ------------------------------------------------------------------------
+
+def landing_lock_name(url: str) -> str:
+    name = f"ingest-{url}"
+    return name if len(name) <= 100 else f"ingest-{key_digest(url)[:16]}"
+
+
+def quarantine_names(key: str) -> tuple[str | None, str]:
+    """Where a quarantined file's copy (None: a key not read as `<label>/<file>` is never
+    kept) and its reason file go, relative to the batch's quarantine folder. A reason file
+    whose name would be too long is named by the key's sha256; it names the key inside."""
+    if key_problem(key) is None:
+        folder, name = key.split("/")
+        copy: str | None = key
+    else:
+        folder, name, copy = REFUSED, encoded(key), None
+    reason = f"{name}.reason.txt"
+    return copy, f"{folder}/{reason if fits(reason) else key_digest(key) + '.reason.txt'}"
+
 
 def content_name(sha256: str, name: str) -> str:
     return f"{sha256[:20]}{Path(name).suffix.lower()}"

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,17 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL
-from prefect.states import Crashed
+from prefect.states import Crashed, Running
 
 from flows.hooks import (
     REPORTED_TAG,
     ZOMBIE_AUTOMATION,
     crash_runs_whose_heartbeats_stop,
     failed_steps,
+    record_process,
     report_failure,
     report_unreported_crashes,
+    this_process,
 )
 from visionops.config import load_params
 
@@ -221,3 +224,28 @@ def test_the_server_is_told_once_to_crash_runs_whose_heartbeats_stop(prefect_ser
         with get_client(sync_client=True) as client:
             for created in client.read_automations_by_name(ZOMBIE_AUTOMATION):
                 client.delete_automation(created.id)
+
+
+def test_a_run_retried_in_a_new_process_is_judged_by_that_process(prefect_server,
+                                                                    params_path: Path):
+    flow_name = f"nightly-{uuid.uuid4().hex[:8]}"
+
+    @flow(name=flow_name)
+    def nightly() -> None:
+        pass
+
+    first_try = subprocess.Popen([sys.executable, "-c", "pass"])
+    first_try.wait()  # the process of the run's first try: gone
+    gone = replace(this_process(), pid=first_try.pid)
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(nightly, tags=[gone.tag()], state=Running())
+    # The retry, in this process, enters Running and then tags the run: a scan in between
+    # must wait for that tag rather than judge the run by its first try's process.
+    retry = threading.Timer(1.0, record_process, args=(None, run, None))
+    retry.start()
+
+    assert report_unreported_crashes(load_params(params_path), flow_name) == []
+
+    retry.join()
+    assert read_run(str(run.id)).state.is_running()
+    assert reports(params_path) == []

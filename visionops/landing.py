@@ -5,7 +5,9 @@ landing area itself, so a replaced file counts as new; files are never deleted.
 Every file or object in the area (outside `.visionops/`) is listed, even one that can
 never be ingested (a symbolic link, a nested or oddly spelled key, a non-image): the
 ingest refuses it with a reason, and its marker then lies under
-`.visionops/handled/.refused/<percent-encoded key>/`.
+`.visionops/handled/.refused/<percent-encoded key>/`. A marker whose path would have a
+name over 255 bytes, or be over S3's 1024 bytes in all, lies under
+`.visionops/handled/.sha256/<sha256 of the key>/` instead, its record naming the key.
 A local area is read without following any symbolic link, and its `.visionops/` may
 not be one. S3 is reached with boto3: endpoint and credentials come from the
 environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or the AWS profile, never
@@ -14,6 +16,8 @@ the repository.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import posixpath
@@ -29,7 +33,9 @@ from visionops.images import IMAGE_SUFFIXES
 OWN_FOLDER = ".visionops"
 MARKERS = f"{OWN_FOLDER}/handled"
 REFUSED = ".refused"  # marker folder of keys that are not <label>/<file>; no label starts with "."
+HASHED = ".sha256"    # marker folder of keys whose marker path would be too long
 MAX_NAME_BYTES = 255  # a file name longer than this cannot be staged on most file systems
+MAX_OBJECT_KEY_BYTES = 1024  # S3's limit on an object key; a marker path keeps within it
 CHUNK = 1 << 20
 
 
@@ -63,6 +69,10 @@ class LandingFile:
 
 def key_problem(key: str) -> str | None:
     """Why `key` is not a plain `<label>/<file>`, spelled the one way it normalises to."""
+    try:
+        key.encode()
+    except UnicodeEncodeError:  # a local file name that is not UTF-8
+        return "key is not valid UTF-8"
     if any(unicodedata.category(char) == "Cc" for char in key):
         return "key contains a control character"
     if "\\" in key:
@@ -89,21 +99,59 @@ def suffix_problem(key: str) -> str | None:
     return None
 
 
-def marker_key(file: LandingFile) -> str:
-    if key_problem(file.key) is None:
-        return f"{MARKERS}/{file.key}/{file.fingerprint}.json"
-    return f"{MARKERS}/{REFUSED}/{quote(file.key, safe='')}/{file.fingerprint}.json"
+def encoded(key: str) -> str:
+    """`key` as one file name (percent-encoded); it may be too long to be one."""
+    return quote(key, safe="", errors="surrogateescape")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def fits(path: str, room: int = MAX_OBJECT_KEY_BYTES) -> bool:
+    """Whether every name in `path` and the whole of it are short enough to be written."""
+    return (len(path.encode("utf-8", "surrogateescape")) <= room
+            and all(len(part.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES
+                    for part in path.split("/")))
+
+
+def marker_key(file: LandingFile, room: int = MAX_OBJECT_KEY_BYTES) -> str:
+    """The marker's path relative to the landing area, at most `room` bytes: under the
+    key itself for a plain key, under its percent-encoded form for any other, and under
+    its sha256 when either would not fit (the marker's record then names the key)."""
+    name = f"{file.fingerprint}.json"
+    marker = (f"{MARKERS}/{file.key}/{name}" if key_problem(file.key) is None
+              else f"{MARKERS}/{REFUSED}/{encoded(file.key)}/{name}")
+    return marker if fits(marker, room) else f"{MARKERS}/{HASHED}/{key_digest(file.key)}/{name}"
 
 
 def parse_marker(key: str) -> tuple[str, str] | None:
-    """(landing key, fingerprint) from a marker's key relative to the landing area."""
+    """(landing key, fingerprint) from a marker's key relative to the landing area; None
+    for anything else and for a marker under a key's sha256 (its record names the key)."""
     parts = PurePosixPath(key).parts
     if len(parts) != 5 or "/".join(parts[:2]) != MARKERS or not parts[4].endswith(".json"):
         return None
     fingerprint = parts[4].removesuffix(".json")
+    if parts[2] == HASHED:
+        return None
     if parts[2] == REFUSED:
-        return unquote(parts[3]), fingerprint
+        return unquote(parts[3], errors="surrogateescape"), fingerprint
     return f"{parts[2]}/{parts[3]}", fingerprint
+
+
+def hashed_marker(key: str) -> tuple[str, str] | None:
+    """(sha256 of the landing key, fingerprint) of a marker under `.sha256/`, else None."""
+    parts = PurePosixPath(key).parts
+    if (len(parts) != 5 or "/".join(parts[:2]) != MARKERS or parts[2] != HASHED
+            or not parts[4].endswith(".json")):
+        return None
+    return parts[3], parts[4].removesuffix(".json")
+
+
+def named_key(digest: str, record: dict) -> str | None:
+    """The landing key a `.sha256/<digest>/` marker's record names, if it hashes to it."""
+    key = record.get("key")
+    return key if isinstance(key, str) and key_digest(key) == digest else None
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -127,6 +175,7 @@ class LocalLanding:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: landing folder not found")
+        self.url = str(self.root.resolve())  # the area, however it was spelled
 
     def describe(self, file: LandingFile) -> str:
         return str(self.root / file.key)
@@ -185,9 +234,11 @@ class LocalLanding:
             fd = self._open(file.key)
         except FileNotFoundError as exc:
             raise FileChanged(f"{self.describe(file)}: gone since it was listed") from exc
-        except OSError as exc:  # ELOOP, ENOTDIR: a level became a symbolic link
-            raise FileRefused(f"cannot be opened without following a link: {exc.strerror}"
-                              ) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a level became a symbolic link
+                raise FileRefused("cannot be opened without following a link: "
+                                  f"{exc.strerror}") from exc
+            raise FileRefused(f"cannot be opened: {exc.strerror}") from exc
         with os.fdopen(fd, "rb") as source:
             info = os.fstat(source.fileno())
             if not stat.S_ISREG(info.st_mode):
@@ -204,9 +255,15 @@ class LocalLanding:
         for parent, _, names in os.walk(folder):  # never follows links
             for name in names:
                 path = Path(parent) / name
-                parsed = parse_marker(path.relative_to(self.root).as_posix())
-                if parsed and not path.is_symlink():
+                relative = path.relative_to(self.root).as_posix()
+                if path.is_symlink():
+                    continue
+                if parsed := parse_marker(relative):
                     found[parsed] = json.loads(path.read_text())
+                elif hashed := hashed_marker(relative):
+                    record = json.loads(path.read_text())
+                    if key := named_key(hashed[0], record):
+                        found[(key, hashed[1])] = record
         return found
 
     def handled(self) -> set[tuple[str, str]]:
@@ -214,9 +271,10 @@ class LocalLanding:
 
     def mark(self, file: LandingFile, record: dict) -> None:
         self._own_folder("handled")
-        path = self.root / marker_key(file)
+        relative = marker_key(file)
+        path = self.root / relative
         folder = self.root
-        for part in PurePosixPath(marker_key(file)).parent.parts:
+        for part in PurePosixPath(relative).parent.parts:
             folder = folder / part
             if folder.is_symlink():
                 raise LandingError(f"{folder}: is a symbolic link; markers are never written "
@@ -225,7 +283,7 @@ class LocalLanding:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(record))
+            out.write(json.dumps({**record, "key": file.key}))
         os.replace(temporary, path)
 
 
@@ -236,6 +294,7 @@ class S3Landing:
         without_scheme = url.removeprefix("s3://")
         self.bucket, _, prefix = without_scheme.partition("/")
         self.prefix = prefix.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}"  # the area, however it was spelled
         self.client = client or boto3.session.Session().client("s3")
 
     def _object_key(self, key: str) -> str:
@@ -281,20 +340,32 @@ class S3Landing:
         finally:
             body.close()
 
-    def markers(self) -> dict[tuple[str, str], dict]:
+    def _marker_room(self) -> int:
+        return MAX_OBJECT_KEY_BYTES - len(self._object_key("").encode())
+
+    def _read_json(self, object_key: str) -> dict:
+        body = self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"]
+        return json.loads(body.read())
+
+    def _markers(self, read_all: bool) -> dict[tuple[str, str], dict | None]:
+        """Every marker's (landing key, fingerprint) and record; the record is read only
+        with `read_all` or when the key is found in it (a marker under `.sha256/`)."""
         skip = len(self._object_key(""))
-        found = {}
+        found: dict[tuple[str, str], dict | None] = {}
         for item in self._items(self._object_key(MARKERS) + "/"):
-            parsed = parse_marker(item["Key"][skip:])
-            if parsed:
-                body = self.client.get_object(Bucket=self.bucket, Key=item["Key"])["Body"]
-                found[parsed] = json.loads(body.read())
+            if parsed := parse_marker(item["Key"][skip:]):
+                found[parsed] = self._read_json(item["Key"]) if read_all else None
+            elif hashed := hashed_marker(item["Key"][skip:]):
+                record = self._read_json(item["Key"])
+                if key := named_key(hashed[0], record):
+                    found[(key, hashed[1])] = record
         return found
 
+    def markers(self) -> dict[tuple[str, str], dict]:
+        return self._markers(read_all=True)
+
     def handled(self) -> set[tuple[str, str]]:
-        skip = len(self._object_key(""))
-        keys = (item["Key"][skip:] for item in self._items(self._object_key(MARKERS) + "/"))
-        return {parsed for parsed in map(parse_marker, keys) if parsed}
+        return set(self._markers(read_all=False))
 
     def mark(self, file: LandingFile, record: dict) -> None:
         """Markers are shared by every host: the first one written for a file wins
@@ -303,8 +374,9 @@ class S3Landing:
 
         try:
             self.client.put_object(Bucket=self.bucket,
-                                   Key=self._object_key(marker_key(file)),
-                                   Body=json.dumps(record).encode(), IfNoneMatch="*")
+                                   Key=self._object_key(marker_key(file, self._marker_room())),
+                                   Body=json.dumps({**record, "key": file.key}).encode(),
+                                   IfNoneMatch="*")
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
                 raise

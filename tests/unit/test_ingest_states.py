@@ -4,6 +4,7 @@ a link or read when too big), and ingests into one project are serialised."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -12,10 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ingest import IngestBusy, file_state, ingest, ingest_lock, landing_states
+from tasks.ingest import (
+    IngestBusy,
+    file_state,
+    ingest,
+    ingest_lock,
+    landing_lock,
+    landing_lock_name,
+    landing_states,
+)
 from tasks.version import version_dataset
 from visionops.config import load_params
 from visionops.demo import write_digits
+from visionops.landing import key_digest, open_landing
+from visionops.locks import limit_name, prefect_lock
 
 
 def digits(folder: Path, label: int, first: int, count: int) -> Path:
@@ -132,3 +143,83 @@ def test_a_marker_is_a_state_only_when_it_names_what_it_should():
     assert file_state({"status": "accepted", "path": "0/gone.png"}, in_version) == "lost"
     assert file_state({"status": "quarantined", "reasons": ["x"]}, in_version) == "quarantined"
     assert file_state({"status": "quarantined", "reasons": []}, in_version) == "lost"
+
+
+def test_long_names_are_quarantined_with_their_key_and_never_block_later_ingests(project,
+                                                                                 tmp_path):
+    params = load_params(project / "params.yaml")
+    landing = digits(tmp_path / "landing", label=1, first=25, count=3)
+    long_name = "a" * 250 + ".png"  # a plain key; "<name>.reason.txt" would be 265 bytes
+    (landing / "1" / long_name).write_bytes(b"not an image")
+    nested = landing / "1" / ("d" * 200) / ("e" * 200 + ".png")  # percent-encoded: 414 bytes
+    nested.parent.mkdir()
+    shutil.copy(next((landing / "1").glob("25-*")), nested)
+    long_key, nested_key = f"1/{long_name}", f"1/{'d' * 200}/{'e' * 200}.png"
+
+    first = ingest(str(landing), params, push=False)
+
+    assert sorted(first.quarantined) == sorted([long_key, nested_key])
+    assert len(first.pending) == 3 and not first.accepted
+    quarantine = Path(first.quarantine_dir)
+    assert (quarantine / "1" / long_name).read_bytes() == b"not an image"
+    reason = (quarantine / "1" / f"{key_digest(long_key)}.reason.txt").read_text()
+    assert json.dumps(long_key) in reason and "decodable" in reason
+    refused = (quarantine / ".refused" / f"{key_digest(nested_key)}.reason.txt").read_text()
+    assert json.dumps(nested_key) in refused and "path levels" in refused
+
+    second = ingest(str(landing), params, push=False)
+
+    assert len(second.accepted) == 3 and not second.quarantined and not second.pending
+    assert states(landing, params) == {"accepted": 3, "quarantined": 2}
+
+
+def test_a_file_whose_quarantine_cannot_be_written_never_blocks_the_others(project,
+                                                                          tmp_path):
+    deep = tmp_path / "q"  # so deep that only a short name's reason file fits in PATH_MAX
+    while len(str(deep)) < 3850:
+        deep /= "q" * 190
+    params = load_params(project / "params.yaml", ingest__quarantine_dir=str(deep))
+    landing = digits(tmp_path / "landing", label=1, first=25, count=3)
+    (landing / "1" / "broken.png").write_bytes(b"not an image")
+    (landing / "1" / ("a" * 250 + ".png")).write_bytes(b"not an image either")
+    (landing / ".visionops" / "handled" / "1").mkdir(parents=True)
+    (landing / ".visionops" / "handled" / "1" / "broken.png").write_text("in the way")
+
+    first = ingest(str(landing), params, push=False)
+
+    long_reasons = first.quarantined["1/" + "a" * 250 + ".png"]
+    assert "could not be written" in long_reasons[-1] and "File name too long" in long_reasons[-1]
+    assert "marker could not be written" in first.pending["1/broken.png"]
+    assert states(landing, params) == {"quarantined": 1, "pending": 4}
+
+    (landing / ".visionops" / "handled" / "1" / "broken.png").unlink()
+    ingest(str(landing), params, push=False)
+    third = ingest(str(landing), params, push=False)
+
+    assert len(third.accepted) == 3
+    assert states(landing, params) == {"accepted": 3, "quarantined": 2}
+
+
+def test_two_clones_ingesting_one_landing_area_take_turns(project, tmp_path):
+    params = load_params(project / "params.yaml")
+    landing = digits(tmp_path / "landing", label=2, first=25, count=2)
+    url = open_landing(str(landing)).url
+
+    with landing_lock(url), \
+            pytest.raises(IngestBusy, match="another ingest from this landing area"):
+        ingest(f"{landing}/./", params, push=False, lock_timeout=0.3)  # another spelling
+
+    assert len(ingest(str(landing), params, push=False).accepted) == 2
+
+
+def test_with_a_prefect_server_ingests_from_one_landing_area_exclude_each_other_anywhere(
+        prefect_server, project, tmp_path):
+    params = load_params(project / "params.yaml")
+    landing = digits(tmp_path / "landing", label=2, first=25, count=2)
+    url = open_landing(str(landing)).url
+
+    with prefect_lock(limit_name(landing_lock_name(url))), \
+            pytest.raises(IngestBusy, match="prefect:visionops-ingest-"):
+        ingest(str(landing), params, push=False, lock_timeout=1)
+
+    assert len(ingest(str(landing), params, push=False).accepted) == 2

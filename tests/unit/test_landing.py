@@ -15,6 +15,7 @@ from visionops.landing import (
     LandingError,
     LandingFile,
     LocalLanding,
+    key_digest,
     key_problem,
     marker_key,
     parse_marker,
@@ -101,3 +102,31 @@ def test_markers_are_never_written_through_a_linked_folder(area, tmp_path):
     with pytest.raises(LandingError, match="symbolic link"):
         landing.mark(file, {"status": "accepted"})
     assert not list(tmp_path.glob("ok.png"))
+
+
+def test_a_marker_path_too_long_for_a_name_or_an_s3_key_is_named_by_the_keys_sha256():
+    long_plain = LandingFile("cat/" + "a" * 250 + ".png", "0" * 32)
+    assert marker_key(long_plain) == f".visionops/handled/{long_plain.key}/{'0' * 32}.json"
+    under_a_long_prefix = marker_key(long_plain, room=1024 - 800)  # S3: prefix of 800 bytes
+    assert under_a_long_prefix == (f".visionops/handled/.sha256/{key_digest(long_plain.key)}/"
+                                   f"{'0' * 32}.json")
+    refused = LandingFile("cat/" + "b" * 300 + ".png", "1-2")  # percent-encoded: 310 bytes
+    assert marker_key(refused) == f".visionops/handled/.sha256/{key_digest(refused.key)}/1-2.json"
+    assert parse_marker(marker_key(refused)) is None, "its record names the key"
+
+
+def test_markers_of_long_keys_are_found_by_the_key_their_record_names(tmp_path, make_image):
+    root = tmp_path / "landing"
+    make_image(root / "cat" / ("d" * 200) / ("e" * 200 + ".png"))
+    landing = LocalLanding(root)
+    (nested,) = landing.list()
+
+    landing.mark(nested, {"status": "quarantined", "reasons": ["nested"]})
+
+    assert landing.handled() == {(nested.key, nested.fingerprint)}
+    assert landing.markers()[(nested.key, nested.fingerprint)]["reasons"] == ["nested"]
+    forged = root / ".visionops" / "handled" / ".sha256" / key_digest("cat/x.png") / "1-2.json"
+    forged.parent.mkdir(parents=True)
+    forged.write_text('{"key": "cat/y.png", "status": "accepted"}')
+    assert landing.handled() == {(nested.key, nested.fingerprint)}, \
+        "a record naming a key that does not hash to its folder is ignored"
