@@ -42,7 +42,7 @@ def test_better_challenger_is_promoted_with_a_significant_gain(promoted):
     root, weak, strong = promoted
     assert weak["decision"] == "first_champion"
     assert strong["decision"] == "promoted", strong["reason"]
-    assert "McNemar exact p=" in strong["reason"]
+    assert "McNemar exact one-sided p=" in strong["reason"]
     registry = Registry(load_params(root / "params.yaml"))
     assert str(registry.champion().version) == str(strong["model_version"])
     assert str(registry.alias("challenger").version) == str(strong["model_version"])
@@ -143,7 +143,9 @@ def test_rollback_restores_the_previous_champion_and_is_recorded(promoted):
 
 def test_a_rejected_version_promoted_by_hand_is_exported_too(promoted):
     root, _, _ = promoted
-    rejected = retrain(params_path=str(write_params(root, BAD_MODEL, name="params-weak.yaml")))
+    weak_again = {**BAD_MODEL, "train": {**BAD_MODEL["train"], "seed": 3}}  # not v1 again
+    rejected = retrain(params_path=str(write_params(root, weak_again,
+                                                    name="params-weak-2.yaml")))
     assert rejected["decision"] == "rejected"
     registry = Registry(load_params(root / "params.yaml"))
     run_id = registry.version(rejected["model_version"]).run_id
