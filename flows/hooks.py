@@ -37,6 +37,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger
+from prefect.runtime import flow_run as flow_run_context
 from prefect.states import Crashed
 
 from visionops.config import DEFAULT_PARAMS, Params, load_params
@@ -94,8 +95,9 @@ def _report_unreported_crashes(params: Params, flow_name: str, reported: list[st
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                 type=FlowRunFilterStateType(any_=[StateType.CRASHED, StateType.RUNNING]))),
             sort=FlowRunSort.START_TIME_DESC, limit=SCAN_LIMIT)
+        current = flow_run_context.get_id()  # the run scanning is never judged
         for run in runs:
-            if REPORTED_TAG in run.tags:
+            if REPORTED_TAG in run.tags or (current and str(run.id) == str(current)):
                 continue
             state = run.state
             if state.is_running():
@@ -268,7 +270,10 @@ def gone_process(tags: list[str], here: RecordedProcess) -> RecordedProcess | No
     if recorded is None or not here.same_host(recorded):
         return None
     if recorded.boot != here.boot:
-        return recorded  # a process never survives a restart of its host
+        # a process never survives a restart of its host; but only the machine id tells
+        # a restart from another machine of the same hostname
+        known = UNKNOWN not in (recorded.machine, here.machine)
+        return recorded if known and recorded.machine == here.machine else None
     if recorded.pid_namespace != here.pid_namespace:
         return None
     return None if is_running(recorded) else recorded

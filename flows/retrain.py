@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -42,6 +43,7 @@ from tasks.register import (
     register_task,
     servability_task,
 )
+from tasks.retry import is_transient_error
 from tasks.train import claim_backup_dir, train_task
 from tasks.upload import upload_task
 from tasks.validate import DataValidationError, validate_task, write_report
@@ -69,7 +71,7 @@ from visionops.tracking import (
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 UNCHANGED = "unchanged"
 _SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_run": 0,
-                     "fit_seconds": 0.0}
+                     "fit_seconds": 0.0, "regated": False, "same_as_version": None}
 
 
 def _log_validation(report, facts, out_dir: Path, docs_dir: Path) -> None:
@@ -125,8 +127,9 @@ def _check_servable(decision: GateDecision, registered, params, sample, expected
     problem = servability_task(uri, params.tracking_uri, sample, expected, fresh)
     checks = [*decision.checks, Check("servable", float(problem is None), 1.0, problem is None)]
     if problem:
-        return GateDecision(REJECTED, f"not servable: {problem}", checks, decision.mcnemar)
-    return GateDecision(decision.decision, decision.reason, checks, decision.mcnemar)
+        return replace(decision, decision=REJECTED, reason=f"not servable: {problem}",
+                       checks=checks)
+    return replace(decision, checks=checks)
 
 
 def _record_decision(decision: GateDecision, registry: Registry, version: str,
@@ -142,7 +145,10 @@ def _record_decision(decision: GateDecision, registry: Registry, version: str,
         mlflow.log_metrics({"gate_champion_errors": decision.power["champion_errors"],
                             "gate_min_wins": decision.power["min_wins"]})
         mlflow.set_tag("gate.can_win", str(decision.power["can_win"]).lower())
-    # on the version first, `decision` last: it marks the record complete (_gate_again)
+    # on the version first, `decision` last: it marks the record complete (_gate_again);
+    # a decision gated again drops the old one first, so no old decision meets new figures
+    if "decision" in registry.version(version).tags:
+        registry.client.delete_model_version_tag(registry.name, str(version), "decision")
     tags = {"reason": decision.reason, "gate_hash": gate_hash(params),
             "gated_against": gated_against or "", "decision": decision.decision}
     for key, value in tags.items():
@@ -170,7 +176,7 @@ def _gate_again(version, champion_mv, params) -> bool:
 
 
 def _unchanged(same, champion_mv, lineage: dict, run_id: str, experiment_id: str,
-               params) -> dict:
+               params, trained=None) -> dict:
     """Data, model code and training params are those `same` was trained on and gated
     with: training again would give the same model, so nothing is trained."""
     is_champion = champion_mv is not None and str(champion_mv.version) == str(same.version)
@@ -191,6 +197,8 @@ def _unchanged(same, champion_mv, lineage: dict, run_id: str, experiment_id: str
         "same_as_version": same.version,
         "previous_champion_version": champion_mv and champion_mv.version,
         "champion_version": champion_mv and champion_mv.version,
+        **({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds}
+           if trained else {}),
     }
 
 
@@ -242,6 +250,8 @@ def _load_to_regate(registry: Registry, version):
         model, _ = load_version(registry.name, str(version.version))
         return model
     except (MlflowException, OSError, ValueError) as exc:
+        if is_transient_error(exc):
+            raise  # the store is away for a moment: fail the run, keep the version as it is
         reason = f"not loadable: {type(exc).__name__}: {exc}"[:500]
         for key, value in (("reason", reason), ("decision", REJECTED)):
             registry.client.set_model_version_tag(registry.name, str(version.version),
@@ -314,6 +324,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                    "params_hash": params_hash(params)}
         mlflow.set_tags(lineage)
         same = registry.latest_with(lineage)
+        if same is not None and same.tags.get("reason", "").startswith("not loadable"):
+            same = None  # trained again: its model is gone
         if same is not None and not _gate_again(same, champion_mv, params):
             return _unchanged(same, champion_mv, lineage, run.info.run_id, experiment_id,
                               params)
@@ -343,6 +355,8 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         if not data_dir:  # a hand-edited data/ gets its version here
             recorded = record_task(data, remote, branch)
             mlflow.set_tag("data_commit", recorded.commit or "")
+        if dvc_file(data).is_file():
+            upload_task([(dvc_file(data), "data")])  # the version this run trains on
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
                          "dvc_remote": version.pushed_to or ""})
         split_table, prepared = preprocess_task(data, facts, params.data, params.split)
@@ -391,7 +405,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                 })
             if same is not None:
                 return _unchanged(same, champion_mv, lineage, run.info.run_id,
-                                  experiment_id, params)
+                                  experiment_id, params, trained)
         else:
             registered = same
         exporting = None
@@ -437,6 +451,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             "model_name": model_name,
             "model_version": registered.version,
             "regated": same is not None,
+            "same_as_version": same and same.version,
             "previous_champion_version": champion_mv and champion_mv.version,
             "champion_version": champion_now and champion_now.version,
             "epochs_run": trained.epochs_run if trained else 0,

@@ -90,6 +90,10 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
            paired_correct: tuple[np.ndarray, np.ndarray] | None = None) -> GateDecision:
     """`class_recall`: the challenger's recall per class; `paired_correct`: whether the
     challenger and the champion got each test image right, in the same order."""
+    power = None if paired_correct is None else GatePower(
+        len(paired_correct[1]), int(np.sum(~np.asarray(paired_correct[1], dtype=bool))),
+        min_wins_for_significance(params.significance))
+    power_figures = power and asdict(power) | {"can_win": power.can_win}
     checks = [
         Check("min_accuracy", challenger["accuracy"], params.min_accuracy,
               challenger["accuracy"] >= params.min_accuracy),
@@ -107,7 +111,7 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
                     f"{params.min_class_recall:.4f}" for name, value in sorted(
                         class_recall.items()) if value < params.min_class_recall]
     if reasons:
-        return GateDecision(REJECTED, "; ".join(reasons), checks)
+        return GateDecision(REJECTED, "; ".join(reasons), checks, power=power_figures)
     if champion is None:
         return GateDecision(FIRST_CHAMPION, "no champion yet and every floor passed", checks)
 
@@ -117,10 +121,6 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
     checks.append(Check(f"min_improvement_{metric}", delta, params.min_improvement, improved))
     comparison = (f"{metric} {challenger[metric]:.4f} vs champion v{champion_version} "
                   f"{champion[metric]:.4f} on the same test split ({delta:+.4f})")
-    power = None if paired_correct is None else GatePower(
-        len(paired_correct[1]), int(np.sum(~np.asarray(paired_correct[1], dtype=bool))),
-        min_wins_for_significance(params.significance))
-    power_figures = power and asdict(power) | {"can_win": power.can_win}
     if not improved:
         reason = f"{comparison} is below min_improvement {params.min_improvement}; champion kept"
         if power and not power.can_win:

@@ -62,7 +62,13 @@ from visionops.landing import (
     open_landing,
     suffix_problem,
 )
-from visionops.locks import file_lock, limit_name, prefect_lock, prefect_server_url
+from visionops.locks import (
+    LockTimeout,
+    file_lock,
+    limit_name,
+    prefect_lock,
+    prefect_server_url,
+)
 
 WORK = Path(".visionops")
 PARTIAL_SUFFIX = ".partial"
@@ -259,7 +265,7 @@ def landing_lock(url: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[list[str
                 held.enter_context(prefect_lock(limit_name(landing_lock_name(url)), timeout))
             where.append(str(landing_lock_path(url)))
             held.enter_context(file_lock(landing_lock_path(url), timeout))
-        except TimeoutError:
+        except LockTimeout:
             raise IngestBusy(f"{url}: another ingest from this landing area still holds "
                              f"{where[-1]} after {timeout:.0f} s") from None
         yield where

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -48,15 +49,26 @@ if len(request) == 3:
 """
 
 
-def _die_with_parent() -> None:
-    """In the child, before it runs: the kernel sends it SIGKILL once the thread that
-    started it is gone (Linux's PR_SET_PDEATHSIG), so a killed flow leaves no orphan."""
-    import contextlib
+def _libc_prctl():
     import ctypes
-    import signal
 
-    with contextlib.suppress(OSError, AttributeError):  # else it ends at its stdin's end
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the child ends at its stdin's end
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform == "linux" else None  # looked up before any fork
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before it runs: the kernel sends it SIGKILL once the thread that
+    started it is gone (Linux's PR_SET_PDEATHSIG = 1), so a killed flow leaves no orphan;
+    a parent already gone by then ends it at once. Only system calls here: a forked child
+    of a threaded process must not import."""
+    _PRCTL(1, 9)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class FreshProcess:
@@ -68,7 +80,8 @@ class FreshProcess:
             [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            preexec_fn=(functools.partial(_die_with_parent, os.getpid())
+                        if _PRCTL is not None else None))
 
     def predict(self, model_uri: str, sample: np.ndarray, timeout: float = 600
                 ) -> np.ndarray | str:

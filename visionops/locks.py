@@ -23,8 +23,9 @@ LOCK_TIMEOUT_S = 30 * 60  # a promotion or an ingest that waits longer is stuck:
 LEASE_S = 300             # Prefect renews the slot's lease while the holder lives
 
 
-class LockTimeout(TimeoutError):
-    """The lock was held by another party for longer than we wait."""
+class LockTimeout(RuntimeError):
+    """The lock was held by another party for longer than we wait: not a transient
+    fault to retry (a retry would wait as long again)."""
 
 
 def prefect_server_url() -> str | None:
@@ -68,8 +69,15 @@ def prefect_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]
     with get_client(sync_client=True) as client, \
             contextlib.suppress(ObjectAlreadyExists):  # created meanwhile (not atomic)
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S,
-                     strict=True):
+    try:
+        slot = concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S,
+                           strict=True)
+        slot.__enter__()
+    except TimeoutError:
+        raise LockTimeout(f"Prefect concurrency limit {name}: held by another party for "
+                          f"over {timeout_s:.0f} s") from None
+    with contextlib.ExitStack() as release:
+        release.push(slot)
         yield
 
 

@@ -67,8 +67,8 @@ def test_only_a_process_of_this_host_is_judged_and_a_restart_ends_it():
     restarted = replace(here, boot="00000000-0000-0000-0000-000000000000")
     assert gone_process([restarted.tag()], here) == last_process([restarted.tag()]), \
         "this host booted again since: even this very PID is another process"
-    unknown_machine = replace(restarted, machine="-")
-    assert gone_process([unknown_machine.tag()], here) is not None
+    unknown_machine = replace(restarted, machine="-")  # a restart, or another machine?
+    assert gone_process([unknown_machine.tag()], here) is None
 
 
 def test_a_crash_scan_that_cannot_reach_prefect_warns_and_never_fails(tmp_path, caplog):
