@@ -28,13 +28,11 @@ so nothing is lost and nothing is counted twice.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,13 +60,7 @@ from visionops.landing import (
     open_landing,
     suffix_problem,
 )
-from visionops.locks import (
-    LockTimeout,
-    file_lock,
-    limit_name,
-    prefect_lock,
-    prefect_server_url,
-)
+from visionops.locks import LockTimeout, exclusive, file_lock
 
 WORK = Path(".visionops")
 PARTIAL_SUFFIX = ".partial"
@@ -228,27 +220,15 @@ def landing_states(source: str, params: Params) -> dict[str, str]:
 
 @contextlib.contextmanager
 def ingest_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (waiting up to `timeout` seconds); the kernel
-    releases it when the holder dies, even by SIGKILL."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                    raise IngestBusy(f"{path}: another ingest ({holder or 'unknown'}) "
-                                     f"still holds the lock after {timeout:.0f} s") from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    """Hold this project's ingest lock on `path` (waiting up to `timeout` seconds); the
+    kernel releases it when the holder dies, even by SIGKILL."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path, timeout))
+        except LockTimeout as busy:
+            raise IngestBusy(f"{path}: another ingest ({busy.holder or 'unknown'}) still "
+                             f"holds the lock after {timeout:.0f} s") from None
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -258,16 +238,12 @@ def landing_lock(url: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[list[str
     (every machine), and always a lock file of this machine (two clones here, server or
     not). Yields where it is held; raises IngestBusy after waiting `timeout` seconds."""
     with contextlib.ExitStack() as held:
-        where = []
         try:
-            if prefect_server_url():
-                where.append(f"prefect:{limit_name(landing_lock_name(url))}")
-                held.enter_context(prefect_lock(limit_name(landing_lock_name(url)), timeout))
-            where.append(str(landing_lock_path(url)))
-            held.enter_context(file_lock(landing_lock_path(url), timeout))
-        except LockTimeout:
+            where = held.enter_context(
+                exclusive(landing_lock_name(url), landing_lock_path(url), timeout))
+        except LockTimeout as busy:
             raise IngestBusy(f"{url}: another ingest from this landing area still holds "
-                             f"{where[-1]} after {timeout:.0f} s") from None
+                             f"{busy.where} after {timeout:.0f} s") from None
         yield where
 
 

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,11 @@ LEASE_S = 300             # Prefect renews the slot's lease while the holder liv
 class LockTimeout(RuntimeError):
     """The lock was held by another party for longer than we wait: not a transient
     fault to retry (a retry would wait as long again)."""
+
+    def __init__(self, where: str, timeout_s: float, holder: str = ""):
+        self.where, self.timeout_s, self.holder = where, timeout_s, holder
+        by = f" ({holder})" if holder else ""
+        super().__init__(f"{where}: held by another process{by} for over {timeout_s:.0f} s")
 
 
 def prefect_server_url() -> str | None:
@@ -42,22 +48,26 @@ def limit_name(name: str) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """An fcntl lock on `path` (never through a link, readable by its owner only), which
+    records its holder ("pid N on host") for whoever waits on it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with path.open("a") as handle:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LockTimeout(f"{path}: held by another process for over "
-                                      f"{timeout_s:.0f} s") from None
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    raise LockTimeout(str(path), timeout_s, holder) from None
                 time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -74,21 +84,22 @@ def prefect_lock(name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]
                            strict=True)
         slot.__enter__()
     except TimeoutError:
-        raise LockTimeout(f"Prefect concurrency limit {name}: held by another party for "
-                          f"over {timeout_s:.0f} s") from None
+        raise LockTimeout(f"prefect:{name}", timeout_s) from None
     with contextlib.ExitStack() as release:
         release.push(slot)
         yield
 
 
 @contextlib.contextmanager
-def exclusive(name: str, local_path: Path) -> Iterator[list[str]]:
-    """Hold the lock `name`; yields where it is held (the Prefect limit, the file)."""
+def exclusive(name: str, local_path: Path, timeout_s: float = LOCK_TIMEOUT_S
+              ) -> Iterator[list[str]]:
+    """Hold the lock `name`; yields where it is held (the Prefect limit, the file).
+    LockTimeout, naming where, after waiting `timeout_s` for either."""
     with contextlib.ExitStack() as held:
         where = []
         if prefect_server_url():
             where.append(f"prefect:{limit_name(name)}")
-            held.enter_context(prefect_lock(limit_name(name)))
-        held.enter_context(file_lock(local_path))
+            held.enter_context(prefect_lock(limit_name(name), timeout_s))
+        held.enter_context(file_lock(local_path, timeout_s))
         where.append(str(local_path))
         yield where
