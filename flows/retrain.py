@@ -70,6 +70,7 @@ from visionops.tracking import (
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 UNCHANGED = "unchanged"
+NOT_LOADABLE = "not loadable"
 _SUMMARY_DEFAULTS = {"champion_metrics": None, "model_version": None, "epochs_run": 0,
                      "fit_seconds": 0.0, "regated": False, "same_as_version": None}
 
@@ -167,7 +168,7 @@ def _gate_again(version, champion_mv, params) -> bool:
     if "decision" not in tags:
         return True
     reason = tags.get("reason", "")
-    if tags["decision"] != REJECTED or reason.startswith(("not servable", "not loadable")):
+    if tags["decision"] != REJECTED or reason.startswith("not servable"):
         return False
     champion_now = champion_mv and str(champion_mv.version)
     return (tags.get("gate_hash") != gate_hash(params)
@@ -243,6 +244,22 @@ def _check_drift(champion_mv, facts, params, out: Path) -> None:
     get_run_logger().info(drift.describe())
 
 
+def _trained_on(registry: Registry, lineage: dict):
+    """The newest version trained on this lineage whose model can still be loaded."""
+    same = registry.latest_with(lineage)
+    if same is None or same.tags.get("reason", "").startswith(NOT_LOADABLE):
+        return None  # trained again: its model is gone
+    return same
+
+
+def _log_dvc_file(data: Path, logged: str | None = None) -> str | None:
+    """Log `<data>.dvc` to the run unless it is the text `logged` already; its text."""
+    text = dvc_file(data).read_text() if dvc_file(data).is_file() else None
+    if text is not None and text != logged:
+        upload_task([(dvc_file(data), "data")])
+    return text
+
+
 def _load_to_regate(registry: Registry, version):
     """The model of a version to gate again, or None (it is then rejected as not
     loadable, and this run trains instead)."""
@@ -252,7 +269,7 @@ def _load_to_regate(registry: Registry, version):
     except (MlflowException, OSError, ValueError) as exc:
         if is_transient_error(exc):
             raise  # the store is away for a moment: fail the run, keep the version as it is
-        reason = f"not loadable: {type(exc).__name__}: {exc}"[:500]
+        reason = f"{NOT_LOADABLE}: {type(exc).__name__}: {exc}"[:500]
         for key, value in (("reason", reason), ("decision", REJECTED)):
             registry.client.set_model_version_tag(registry.name, str(version.version),
                                                   key, value)
@@ -316,16 +333,13 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
             logger.info(ingested.describe())
             if ingested.pending:
                 mlflow.set_tag("ingest_pending", str(len(ingested.pending)))
-        if dvc_file(data).is_file():
-            upload_task([(dvc_file(data), "data")])
+        logged_dvc_file = _log_dvc_file(data)
 
         champion_mv = registry.champion()
         lineage = {"data_version": content_hash(data), "code_version": code_version(),
                    "params_hash": params_hash(params)}
         mlflow.set_tags(lineage)
-        same = registry.latest_with(lineage)
-        if same is not None and same.tags.get("reason", "").startswith("not loadable"):
-            same = None  # trained again: its model is gone
+        same = _trained_on(registry, lineage)
         if same is not None and not _gate_again(same, champion_mv, params):
             return _unchanged(same, champion_mv, lineage, run.info.run_id, experiment_id,
                               params)
@@ -355,8 +369,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         if not data_dir:  # a hand-edited data/ gets its version here
             recorded = record_task(data, remote, branch)
             mlflow.set_tag("data_commit", recorded.commit or "")
-        if dvc_file(data).is_file():
-            upload_task([(dvc_file(data), "data")])  # the version this run trains on
+        _log_dvc_file(data, logged_dvc_file)  # again if versioning changed it
         mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
                          "dvc_remote": version.pushed_to or ""})
         split_table, prepared = preprocess_task(data, facts, params.data, params.split)
@@ -395,9 +408,7 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                           champion.predictions == prepared.test.y))
         if same is None:
             with registry.lock():  # a run started together with this one may have won
-                same = registry.latest_with(lineage)
-                if same is not None and same.tags.get("reason", "").startswith("not loadable"):
-                    same = None
+                same = _trained_on(registry, lineage)
                 registered = same or register_task(model, model_name, prepared.test.x[:2], {
                     **lineage, "data_version": version.md5, "git_commit": commit,
                     "class_names": json.dumps(prepared.class_names),
