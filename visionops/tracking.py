@@ -48,15 +48,20 @@ MODEL_CODE = ("visionops/images.py", "visionops/models.py",
 MODEL_PARAMS = ("data", "split", "augment", "train")
 
 
-def code_version() -> str:
-    """A hash of the source that shapes the trained model (MODEL_CODE), the same with or
+def source_hash(names: tuple[str, ...]) -> str:
+    """A hash of these source files (paths from the repository root), the same with or
     without git."""
     digest = hashlib.sha256()
     top = Path(__file__).resolve().parents[1]
-    for name in MODEL_CODE:
+    for name in names:
         digest.update(name.encode())
         digest.update((top / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """A hash of the source that shapes the trained model (MODEL_CODE)."""
+    return source_hash(MODEL_CODE)
 
 
 def _hash(values: dict) -> str:
@@ -73,9 +78,8 @@ GATE_CODE = ("tasks/gate.py", "tasks/evaluate.py")
 
 def gate_hash(params: Params) -> str:
     """A hash of the gate's params and code: a version gated under others is gated again."""
-    top = Path(__file__).resolve().parents[1]
-    code = {name: hashlib.sha256((top / name).read_bytes()).hexdigest() for name in GATE_CODE}
-    return _hash({"params": params.gate.model_dump(mode="json"), "code": code})
+    return _hash({"params": params.gate.model_dump(mode="json"),
+                  "code": source_hash(GATE_CODE)})
 
 
 def git_commit(root: Path) -> str:
