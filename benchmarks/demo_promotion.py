@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from visionops.demo import write_digits  # noqa: E402
+from visionops.core.demo import write_digits  # noqa: E402
 
 
 def make_project(root: Path) -> Path:

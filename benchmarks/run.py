@@ -33,9 +33,9 @@ sys.path.insert(0, str(HERE))
 
 from validate_scale import make_pngs, measure_validation  # noqa: E402
 
-from visionops import processes  # noqa: E402
-from visionops.demo import write_digits  # noqa: E402
-from visionops.objectstore import free_port  # noqa: E402
+from visionops.core.demo import write_digits  # noqa: E402
+from visionops.ops import processes  # noqa: E402
+from visionops.ops.objectstore import free_port  # noqa: E402
 
 
 def machine() -> str:
@@ -63,7 +63,7 @@ def digits_arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def seed_script_throughput(x, y, epochs: int) -> float:
     """The seed tutorial's script: its CNN, compile and fit(batch 128, validation 0.2)."""
-    from visionops.models import seed_cnn
+    from visionops.core.models import seed_cnn
 
     model = seed_cnn((28, 28, 1), 10)
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam",
@@ -75,9 +75,9 @@ def seed_script_throughput(x, y, epochs: int) -> float:
 
 def project_throughput(x, y, epochs: int, work: Path) -> float:
     """The project's training task on the same data, split the same way."""
-    from tasks.preprocess import Arrays, PreparedData
-    from tasks.train import train_model
-    from visionops.config import AugmentParams, TrainParams
+    from visionops.core.config import AugmentParams, TrainParams
+    from visionops.core.split import Arrays, PreparedData
+    from visionops.core.training import train_model
 
     cut = int(len(x) * 0.8)
     data = PreparedData([str(i) for i in range(10)], Arrays(x[:cut], y[:cut], []),
@@ -178,8 +178,9 @@ def wait_for(check, timeout: float) -> None:
 def predict_throughputs(project: Path, reps: int) -> tuple[float, float]:
     from PIL import Image
 
-    from visionops.config import load_params
-    from visionops.predict import image_paths, load_champion, predict_paths
+    from visionops.core.config import load_params
+    from visionops.core.predict import image_paths, predict_paths
+    from visionops.io.models import load_champion
 
     champion = load_champion(load_params(project / "params.yaml"))
     paths = image_paths([project / "data"])

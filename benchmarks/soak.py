@@ -23,7 +23,7 @@ version in stage Production) and every new champion is scored on a fixed holdout
 is never uploaded. At the end one JSON line is printed and written to
 benchmarks/soak.json; the exit status is 1 if an invariant fails:
 
-- landing_files.lost == 0 (states from `tasks.ingest.landing_states`, against the
+- landing_files.lost == 0 (states from `visionops.io.ingest.landing_states`, against the
   dataset version a fresh clone of origin gets, and, for information, the main worker's)
 - champion_checks.failures == 0
 - champion_regressions == 0: an unattended champion change to a version that gets more
@@ -343,7 +343,7 @@ class Soak:
                               env=self.base_env(), name=name, timeout=400)
 
     def setup(self, pool: Path, split: dict) -> None:
-        from visionops.stack import Stack
+        from visionops.ops.stack import Stack
 
         self.make_repository(pool, split)
         up = self.stack_up(self.repo, "stack-up")
@@ -565,7 +565,7 @@ def dataset_md5(workdir: Path) -> str | None:
 def soak_main(args) -> int:
     import psutil
 
-    from visionops.demo import write_digits
+    from visionops.core.demo import write_digits
 
     scratch = Path(tempfile.mkdtemp(prefix="visionops-soak-"))
     say(f"soak: {args.nights} nights in {scratch}")
@@ -820,9 +820,9 @@ def teardown(soak: Soak, psutil) -> list[dict]:
 def score_versions(versions: list[str], params_file: str, holdout: Path) -> None:
     import numpy as np
 
-    from visionops.config import load_params
-    from visionops.images import load_images
-    from visionops.predict import load_registered_version
+    from visionops.core.config import load_params
+    from visionops.core.images import load_images
+    from visionops.io.models import load_registered_version
 
     params = load_params(params_file)
     paths = sorted(holdout.rglob("*.png"))
@@ -840,13 +840,13 @@ def score_versions(versions: list[str], params_file: str, holdout: Path) -> None
 
 
 def print_landing_states(params_file: str) -> None:
-    from visionops.config import load_params
+    from visionops.core.config import load_params
 
     params = load_params(params_file)
     try:
-        from tasks.ingest import landing_states
+        from visionops.io.ingest import landing_states
     except ImportError:  # computed from the markers and the files in data/
-        from visionops.landing import open_landing
+        from visionops.io.landing import open_landing
 
         landing = open_landing(params.landing)
         markers = landing.markers()

@@ -31,8 +31,8 @@ LABELS = 10
 MEASURE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from tasks.validate import collect_facts, validate_facts
-from visionops.config import ValidationParams
+from visionops.io.validation import collect_facts, validate_facts
+from visionops.core.config import ValidationParams
 
 root = Path(sys.argv[1])
 rules = ValidationParams(min_images_per_class=1)

@@ -9,8 +9,8 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from visionops.config import ComputeParams
-from visionops.images import facts_table, image_file_chunks
+from visionops.core.config import ComputeParams
+from visionops.core.images import facts_table, image_file_chunks
 
 CHUNK_SIZE = 500
 
@@ -28,7 +28,7 @@ def image_facts_flow(data_dir: Path, max_side: int | None = None) -> pd.DataFram
 
 
 def dask_facts(data_dir: Path, max_side: int | None, compute: ComputeParams) -> pd.DataFrame:
-    """The same table as `tasks.validate.collect_facts`, computed on Dask."""
+    """The same table as `visionops.io.validation.collect_facts`, computed on Dask."""
     from prefect_dask import DaskTaskRunner
 
     runner = (DaskTaskRunner(address=compute.dask_address) if compute.dask_address else

@@ -40,7 +40,7 @@ from prefect.logging import get_logger
 from prefect.runtime import flow_run as flow_run_context
 from prefect.states import Crashed
 
-from visionops.config import DEFAULT_PARAMS, Params, load_params
+from visionops.core.config import DEFAULT_PARAMS, Params, load_params
 
 REPORTED_TAG = "visionops:failure-reported"
 PROCESS_TAG_PREFIX = "visionops:process:"

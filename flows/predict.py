@@ -8,8 +8,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from visionops.config import DEFAULT_PARAMS, load_params
-from visionops.predict import image_paths, load_champion, predict_paths
+from visionops.core.config import DEFAULT_PARAMS, load_params
+from visionops.core.predict import image_paths, predict_paths
+from visionops.io.models import load_champion
 
 
 @task(name="Label images with the champion", timeout_seconds=6 * 60 * 60)

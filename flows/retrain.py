@@ -24,42 +24,31 @@ from flows.hooks import (
     report_failure,
     report_unreported_crashes,
 )
-from tasks.drift import DataDriftError, DriftReport, drift_task, write_drift
-from tasks.evaluate import (
+from tasks.drift import drift_task
+from tasks.evaluate import evaluate_task
+from tasks.gate import gate_task
+from tasks.ingest import ingest_task
+from tasks.preprocess import preprocess_task
+from tasks.register import export_task, promote_task, register_task, servability_task
+from tasks.train import train_task
+from tasks.upload import upload_task
+from tasks.validate import validate_task
+from tasks.version import pull_task, record_task, sync_task, version_task
+from visionops.core.config import DEFAULT_PARAMS, load_params
+from visionops.core.drift import DataDriftError, DriftReport, write_drift
+from visionops.core.gate import REJECTED, Check, GateDecision
+from visionops.core.metrics import (
     Evaluation,
     class_recalls,
-    evaluate_task,
     plot_confusion_matrix,
     plot_learning_curves,
 )
-from tasks.gate import REJECTED, Check, GateDecision, gate_task
-from tasks.ingest import ingest_task
-from tasks.preprocess import preprocess_task
-from tasks.register import (
-    FreshProcess,
-    export_task,
-    load_version,
-    promote_task,
-    register_task,
-    servability_task,
-)
-from tasks.retry import is_transient_error
-from tasks.train import claim_backup_dir, train_task
-from tasks.upload import upload_task
-from tasks.validate import DataValidationError, validate_task, write_report
-from tasks.version import (
-    content_hash,
-    dvc_file,
-    needs_pull,
-    pull_task,
-    record_task,
-    sync_task,
-    version_task,
-)
-from visionops.config import DEFAULT_PARAMS, load_params
-from visionops.locks import prefect_server_url
-from visionops.registry import CHAMPION_CHANGED, Registry
-from visionops.tracking import (
+from visionops.core.training import claim_backup_dir
+from visionops.io.dataset import content_hash, dvc_file, needs_pull
+from visionops.io.locks import prefect_server_url
+from visionops.io.models import FreshProcess, load_registered_version
+from visionops.io.registry import CHAMPION_CHANGED, Registry
+from visionops.io.tracking import (
     code_version,
     epoch_metrics_logger,
     gate_hash,
@@ -67,6 +56,8 @@ from visionops.tracking import (
     params_hash,
     use_experiment,
 )
+from visionops.io.transient import is_transient_error
+from visionops.io.validation import DataValidationError, write_report
 
 METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 UNCHANGED = "unchanged"
@@ -264,8 +255,7 @@ def _load_to_regate(registry: Registry, version):
     """The model of a version to gate again, or None (it is then rejected as not
     loadable, and this run trains instead)."""
     try:
-        model, _ = load_version(registry.name, str(version.version))
-        return model
+        return load_registered_version(registry.params, version.version).model
     except (MlflowException, OSError, ValueError) as exc:
         if is_transient_error(exc):
             raise  # the store is away for a moment: fail the run, keep the version as it is
@@ -394,10 +384,10 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
 
         champion = None
         if champion_mv is not None:
-            champion_model, champion_classes = load_version(model_name, champion_mv.version)
+            loaded = load_registered_version(params, champion_mv.version)
             champion = evaluate_task.with_options(name="Evaluate champion on the same split")(
-                champion_model, data, prepared.test.paths, prepared.test.y,
-                prepared.class_names, champion_classes)
+                loaded.model, data, prepared.test.paths, prepared.test.y,
+                prepared.class_names, loaded.class_names)
             _log_evaluation(champion, "champion_test", prepared.class_names, out)
             mlflow.set_tag("champion_version", champion_mv.version)
 

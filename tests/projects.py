@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from visionops.demo import write_digits
+from visionops.core.demo import write_digits
 
 REPO = Path(__file__).resolve().parents[1]
 

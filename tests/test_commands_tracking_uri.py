@@ -15,13 +15,12 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from projects import write_params
 from typer.testing import CliRunner
 
-from tasks.register import register_model
 from visionops.cli import app
-from visionops.config import load_params
-from visionops.demo import write_digits
-from visionops.images import load_images
-from visionops.predict import load_champion
-from visionops.registry import CHAMPION, Registry
+from visionops.core.config import load_params
+from visionops.core.demo import write_digits
+from visionops.core.images import load_images
+from visionops.io.models import load_champion, register_model
+from visionops.io.registry import CHAMPION, Registry
 
 V1_CLASSES, V2_CLASSES = ["0", "1", "2"], ["2", "1", "0"]
 

@@ -33,7 +33,7 @@ from flows.hooks import (
     report_unreported_crashes,
     this_process,
 )
-from visionops.config import load_params
+from visionops.core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

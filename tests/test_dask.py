@@ -9,8 +9,8 @@ from projects import make_project, write_params
 
 from flows.facts import dask_facts
 from flows.retrain import retrain
-from tasks.validate import collect_facts, validate_dataset
-from visionops.config import ComputeParams, ValidationParams
+from visionops.core.config import ComputeParams, ValidationParams
+from visionops.io.validation import collect_facts, validate_dataset
 
 DASK = ComputeParams(runner="dask", dask_workers=2, dask_processes=True)
 

@@ -17,8 +17,8 @@ import yaml
 from mlflow import MlflowClient
 from projects import REPO, make_project
 
-from visionops import processes
-from visionops.objectstore import free_port
+from visionops.ops import processes
+from visionops.ops.objectstore import free_port
 
 BIN = Path(sys.executable).parent
 

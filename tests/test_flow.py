@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from projects import write_params
 
 from flows.retrain import retrain
-from tasks.validate import DataValidationError
-from visionops import processes
+from visionops.io.validation import DataValidationError
+from visionops.ops import processes
 
 
 def _client(root) -> MlflowClient:
@@ -155,7 +155,7 @@ def test_bad_image_stops_the_flow_before_training(trained_project):
 def test_drifted_data_stops_the_flow_before_training(trained_project, tmp_path):
     from PIL import Image, ImageOps
 
-    from tasks.drift import DataDriftError
+    from visionops.core.drift import DataDriftError
 
     root, first = trained_project
     inverted = tmp_path / "inverted"
@@ -178,7 +178,7 @@ def test_drifted_data_stops_the_flow_before_training(trained_project, tmp_path):
 
 
 def test_landing_area_in_params_is_ingested_at_the_head_of_the_flow(trained_project, tmp_path):
-    from visionops.demo import write_digits
+    from visionops.core.demo import write_digits
 
     root, _ = trained_project
     landing = tmp_path / "landing"

@@ -18,7 +18,7 @@ import yaml
 from projects import REPO
 from sqlalchemy.engine import make_url
 
-from visionops.stack import (
+from visionops.ops.stack import (
     ADMIN,
     BUCKETS,
     CLIENT_HTTP_RETRIES,

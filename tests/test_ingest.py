@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.ingest import ingest
-from visionops.config import load_params
-from visionops.demo import write_digits
+from visionops.core.config import load_params
+from visionops.core.demo import write_digits
+from visionops.io.ingest import ingest
 
 
 def data_md5(project: Path) -> str:
@@ -38,7 +38,7 @@ def new_digits(folder: Path, skip_per_class: int = 25, per_class: int = 30) -> P
 
 @pytest.fixture
 def versioned(project: Path) -> Path:
-    from tasks.version import version_dataset
+    from visionops.io.dataset import version_dataset
 
     version_dataset(project / "data")
     return project
@@ -127,7 +127,7 @@ def test_killed_ingest_loses_nothing_and_counts_nothing_twice(versioned, tmp_pat
     assert not list((versioned / "data").rglob("*.partial"))
     assert len({p.read_bytes() for p in data_images}) == 300, "no content counted twice"
     assert final.data_version in (None, data_md5(versioned))
-    from tasks.version import content_hash
+    from visionops.io.dataset import content_hash
 
     assert content_hash(versioned / "data") == data_md5(versioned)
     assert len(list((landing / ".visionops" / "handled").rglob("*.json"))) == 200
@@ -138,7 +138,7 @@ def test_killed_ingest_loses_nothing_and_counts_nothing_twice(versioned, tmp_pat
 
 @pytest.fixture(scope="module")
 def object_store(tmp_path_factory):
-    from visionops.objectstore import start_seaweedfs
+    from visionops.ops.objectstore import start_seaweedfs
 
     store = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"), "visionops-test",
                             "visionops-test-secret")
@@ -175,7 +175,7 @@ def test_ingest_from_s3_with_credentials_from_the_environment(versioned, tmp_pat
 
 def test_two_ingests_at_once_are_serialised_and_mark_only_what_they_copied(versioned,
                                                                             tmp_path):
-    from tasks.ingest import landing_states
+    from visionops.io.ingest import landing_states
 
     landing = new_digits(tmp_path / "landing")
     racing = [_ingest_process(versioned, landing) for _ in range(2)]
@@ -192,7 +192,7 @@ def test_two_ingests_at_once_are_serialised_and_mark_only_what_they_copied(versi
 def test_s3_keys_not_plain_or_too_big_are_quarantined_and_never_block(versioned, tmp_path,
                                                                        object_store,
                                                                        monkeypatch):
-    from tasks.ingest import landing_states
+    from visionops.io.ingest import landing_states
 
     client = object_store.client()
     client.create_bucket(Bucket="oddkeys")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from visionops.locks import LockTimeout, exclusive, file_lock
+from visionops.io.locks import LockTimeout, exclusive, file_lock
 
 
 def test_holders_of_the_prefect_lock_take_turns(prefect_server, tmp_path):

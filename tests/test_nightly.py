@@ -12,9 +12,9 @@ import pytest
 from projects import make_project, write_params
 
 from flows.retrain import retrain
-from visionops.config import load_params
-from visionops.registry import Registry
-from visionops.tracking import use_experiment
+from visionops.core.config import load_params
+from visionops.io.registry import Registry
+from visionops.io.tracking import use_experiment
 
 ALWAYS_REJECT = {"gate": {"min_improvement": 0.9}}
 

@@ -15,9 +15,9 @@ import pytest
 from projects import make_project, write_params
 
 from flows.retrain import retrain
-from tasks.register import tflite_predict
-from visionops.config import load_params
-from visionops.registry import Registry
+from visionops.core.config import load_params
+from visionops.io.models import tflite_predict
+from visionops.io.registry import Registry
 
 BAD_MODEL = {"train": {"epochs": 1, "learning_rate": 1e-5},
              "gate": {"min_accuracy": 0.0, "min_f1_macro": 0.0, "min_class_recall": 0.0}}
@@ -98,7 +98,7 @@ def test_predict_labels_images_with_the_champion(promoted):
     assert len(rows) == 26 and rows[-1]["path"] == str(one_file)
     assert sum(row["label"] == "2" for row in rows[:-1]) >= 20
     model = mlflow.tensorflow.load_model(f"models:/tiny-digits/{strong['model_version']}")
-    from visionops.images import load_images
+    from visionops.core.images import load_images
 
     expected = model.predict(load_images([one_file], 28, 1), verbose=0)[0]
     assert rows[-1]["probability"] == pytest.approx(float(expected.max()), abs=1e-5)

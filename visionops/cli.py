@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from visionops.config import DEFAULT_PARAMS, ConfigError, load_params
+from visionops.core.config import DEFAULT_PARAMS, ConfigError, load_params
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Keep an image-recognition model fresh: validate, retrain, gate, promote.")
@@ -73,12 +73,12 @@ def retrain(
 ) -> None:
     """Run the retraining flow: validate, version, train, evaluate, gate, register, promote."""
     _load(params_file)  # fail on a bad config before any server starts
-    from visionops.warmstart import flow_settings, import_while_waiting, start_prefect_server
+    from visionops.ops.warmstart import flow_settings, import_while_waiting, start_prefect_server
 
     starting = start_prefect_server()
     from flows.retrain import retrain as retrain_flow
-    from tasks.drift import DataDriftError
-    from tasks.validate import DataValidationError
+    from visionops.core.drift import DataDriftError
+    from visionops.io.validation import DataValidationError
 
     # Only while the server starts: a retrain that trains needs them, one that finds
     # nothing changed does not.
@@ -125,7 +125,7 @@ def validate(
 ) -> None:
     """Check an image folder; exit 0 when it is fit for training."""
     params = _load(params_file)
-    from tasks.validate import validate_dataset
+    from visionops.io.validation import validate_dataset
 
     try:
         report, _ = validate_dataset(path, params.validation, params.data_docs_dir)
@@ -154,9 +154,9 @@ def ingest(
         _fail("no landing area: give SOURCE or set ingest.landing in params.yaml", code=2)
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from tasks.ingest import IngestBusy
-    from tasks.ingest import ingest as ingest_batch
-    from visionops.landing import LandingError
+    from visionops.io.ingest import IngestBusy
+    from visionops.io.ingest import ingest as ingest_batch
+    from visionops.io.landing import LandingError
 
     try:
         result = ingest_batch(source, params)
@@ -176,7 +176,7 @@ def stage(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Run one pipeline stage on files (what `dvc repro` calls; see dvc.yaml)."""
-    from visionops.stages import STAGES
+    from visionops.jobs.stages import STAGES
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}", code=2)
@@ -194,7 +194,7 @@ def predict(
 ) -> None:
     """Label images with the champion (`models:/<name>@champion`)."""
     params = _load(params_file)
-    from visionops.registry import RegistryError
+    from visionops.io.registry import RegistryError
 
     try:
         if csv_out is not None:
@@ -207,7 +207,8 @@ def predict(
                        f"{summary['images']} images labelled by champion "
                        f"v{summary['champion_version']} into {summary['csv']}")
             return
-        from visionops.predict import image_paths, load_champion, predict_paths
+        from visionops.core.predict import image_paths, predict_paths
+        from visionops.io.models import load_champion
 
         champion = load_champion(params)
         rows = list(predict_paths(champion, image_paths(paths)))
@@ -226,7 +227,7 @@ app.add_typer(models_app, name="models")
 
 
 def _registry(params_file: Path):
-    from visionops.registry import Registry
+    from visionops.io.registry import Registry
 
     return Registry(_load(params_file))
 
@@ -255,7 +256,7 @@ def models_promote(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Make VERSION the champion (stage Production, the previous one archived)."""
-    from visionops.registry import RegistryError
+    from visionops.io.registry import RegistryError
 
     try:
         event = _registry(params_file).promote(version, reason)
@@ -267,7 +268,7 @@ def models_promote(
 
 
 def _ensure_exports(params_file: Path, version: str) -> None:
-    from tasks.register import ensure_exports
+    from visionops.io.models import ensure_exports
 
     if ensure_exports(_load(params_file), version):
         typer.echo(f"exported v{version} as SavedModel and TFLite into its run's export/")
@@ -279,7 +280,7 @@ def models_rollback(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Move `champion` back to the version it replaced."""
-    from visionops.registry import RegistryError
+    from visionops.io.registry import RegistryError
 
     try:
         event = _registry(params_file).rollback(reason)
@@ -312,8 +313,8 @@ def models_compare(
     as_json: AsJson = False,
 ) -> None:
     """Score two versions side by side on the current test split."""
-    from visionops.registry import RegistryError
-    from visionops.scoring import compare_versions
+    from visionops.io.registry import RegistryError
+    from visionops.jobs.scoring import compare_versions
 
     try:
         table = compare_versions(_load(params_file), [version_a, version_b])
@@ -338,7 +339,7 @@ def demo_data(
     per_class: Annotated[int | None, typer.Option(help="Keep only N images per digit.")] = None,
 ) -> None:
     """Write scikit-learn's bundled handwritten digits as PNG files."""
-    from visionops.demo import write_digits
+    from visionops.core.demo import write_digits
 
     count = write_digits(out, per_class=per_class)
     typer.echo(f"{count} demo images in {out}/<digit>/")
@@ -360,7 +361,7 @@ StateFolder = Annotated[Path | None, typer.Option(
 
 
 def _stack(project: Path, state_dir: Path | None):
-    from visionops.stack import Stack
+    from visionops.ops.stack import Stack
 
     return Stack.load(project, state_dir)
 
@@ -380,7 +381,7 @@ def stack_up(
     prefect_port: Annotated[int, typer.Option(help="0: any free port.")] = 4200,
 ) -> None:
     """Start every part of the stack that is not running, then print how to use it."""
-    from visionops.stack import DEFAULT_POSTGRES_URL, StackError
+    from visionops.ops.stack import DEFAULT_POSTGRES_URL, StackError
 
     stack = _stack(project, state_dir)
     if not stack.state_file.exists():
@@ -438,7 +439,7 @@ def stack_down(
         help="Also drop the databases and delete the stored objects and the state.")] = False,
 ) -> None:
     """Stop the stack's processes by their PIDs (last started first)."""
-    from visionops.stack import SERVICES
+    from visionops.ops.stack import SERVICES
 
     unknown = sorted(set(only or []) - set(SERVICES))
     if unknown:

@@ -19,8 +19,8 @@ import requests
 import yaml
 from projects import make_project, write_params
 
-from visionops import processes
-from visionops.stack import BUCKETS, SERVICES, Stack
+from visionops.ops import processes
+from visionops.ops.stack import BUCKETS, SERVICES, Stack
 
 BIN = Path(sys.executable).parent
 MODEL = "tiny-digits"

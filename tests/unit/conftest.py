@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionops.demo import write_digits
+from visionops.core.demo import write_digits
 
 
 def write_image(path: Path, size: tuple[int, int] = (16, 16), mode: str = "L",

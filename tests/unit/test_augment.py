@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.augment import build_augmenter, make_datasets
-from visionops.config import AugmentParams
+from visionops.core.augment import build_augmenter, make_datasets
+from visionops.core.config import AugmentParams
 
 ROTATE_AND_FLIP = AugmentParams(enabled=True, flip="horizontal", rotation=0.2)
 

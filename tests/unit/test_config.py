@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from visionops.config import ConfigError, Params, load_params
+from visionops.core.config import ConfigError, Params, load_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

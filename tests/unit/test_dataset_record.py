@@ -7,18 +7,16 @@ from pathlib import Path
 import pytest
 from dvc.repo import Repo
 
-from tasks.version import (
+from tasks.version import record_task, sync_task, version_task
+from visionops.core.demo import write_digits
+from visionops.io.dataset import (
     DatasetVersionConflict,
     adopt_recorded_version,
     content_hash,
     record_dataset_version,
-    record_task,
     sync_dataset,
-    sync_task,
     version_dataset,
-    version_task,
 )
-from visionops.demo import write_digits
 
 AS_TESTER = ["-c", "user.name=tester", "-c", "user.email=tester@localhost"]
 

@@ -2,17 +2,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.drift import (
+from tasks.drift import drift_task
+from visionops.core.config import DriftParams
+from visionops.core.drift import (
     FAIL,
     OK,
     WARN,
     DataDriftError,
     class_distance,
     compare,
-    drift_task,
     write_drift,
 )
-from visionops.config import DriftParams
 
 PARAMS = DriftParams(warn_threshold=0.1, fail_threshold=0.5)
 

@@ -3,7 +3,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.evaluate import evaluate_model, plot_confusion_matrix, plot_learning_curves, score
+from visionops.core.metrics import (
+    evaluate_model,
+    plot_confusion_matrix,
+    plot_learning_curves,
+    score,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 
-from tasks.gate import (
+from tasks.gate import gate_task
+from visionops.core.config import GateParams
+from visionops.core.gate import (
     FIRST_CHAMPION,
     PROMOTED,
     REJECTED,
     decide,
-    gate_task,
     mcnemar_exact,
     min_wins_for_significance,
 )
-from visionops.config import GateParams
 
 PARAMS = GateParams(metric="f1_macro", min_accuracy=0.8, min_f1_macro=0.8, min_improvement=0.01)
 

@@ -22,7 +22,7 @@ from flows.hooks import (
     report_unreported_crashes,
     this_process,
 )
-from visionops.config import load_params
+from visionops.core.config import load_params
 
 
 def test_a_report_says_crashed_or_failed_and_names_the_run_step_and_reason():

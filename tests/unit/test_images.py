@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionops.images import class_names, image_facts, iter_image_files, load_image, load_images
+from visionops.core.images import (
+    class_names,
+    image_facts,
+    iter_image_files,
+    load_image,
+    load_images,
+)
 
 
 def test_facts_of_a_good_png(png_file):

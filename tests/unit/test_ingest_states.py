@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.ingest import (
+from visionops.core.config import load_params
+from visionops.core.demo import write_digits
+from visionops.io.dataset import version_dataset
+from visionops.io.ingest import (
     IngestBusy,
     file_state,
     ingest,
@@ -22,11 +25,8 @@ from tasks.ingest import (
     landing_lock_name,
     landing_states,
 )
-from tasks.version import version_dataset
-from visionops.config import load_params
-from visionops.demo import write_digits
-from visionops.landing import key_digest, open_landing
-from visionops.locks import limit_name, prefect_lock
+from visionops.io.landing import key_digest, open_landing
+from visionops.io.locks import limit_name, prefect_lock
 
 
 def digits(folder: Path, label: int, first: int, count: int) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from visionops.landing import (
+from visionops.io.landing import (
     FileChanged,
     FileRefused,
     LandingError,

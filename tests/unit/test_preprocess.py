@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.preprocess import SPLITS, assign_splits, prepare_data, split_of
-from tasks.validate import collect_facts
-from visionops.config import DataParams, SplitParams
+from visionops.core.config import DataParams, SplitParams
+from visionops.core.split import SPLITS, assign_splits, prepare_data, split_of
+from visionops.io.validation import collect_facts
 
 PARAMS = SplitParams(seed=42, val_fraction=0.15, test_fraction=0.15)
 

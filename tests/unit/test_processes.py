@@ -1,6 +1,6 @@
 import time
 
-from visionops import processes
+from visionops.ops import processes
 
 
 def _shell(tmp_path, script: str) -> int:

@@ -7,9 +7,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from tasks.register import load_version, register_model
-from visionops.config import Params
-from visionops.registry import Registry
+from visionops.core.config import Params
+from visionops.io.models import load_registered_version, register_model
+from visionops.io.registry import Registry
 
 NAME = "unit-digits"
 CLASSES = ["0", "1", "2"]
@@ -83,28 +83,30 @@ def test_promote_sets_alias_and_stage_and_archives_the_previous_champion(trackin
     assert client.get_model_version(NAME, "1").aliases == []
 
 
-def test_load_version_returns_an_equivalent_model_and_class_names(tracking):
+def test_load_registered_version_returns_an_equivalent_model_and_class_names(tracking,
+                                                                           registry):
     _, experiment_id = tracking
     model = tiny_model(3)
     version = register(experiment_id, model)
-    loaded, class_names = load_version(NAME, version.version)
-    assert class_names == CLASSES
+    loaded_version = load_registered_version(registry.params, version.version)
+    loaded = loaded_version.model
+    assert loaded_version.class_names == CLASSES
+    assert loaded_version.version == str(version.version)
     assert loaded.input_shape == (None, 28, 28, 1)
     x = sample()
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-6)
 
 
-def test_load_version_without_class_names_tag(tracking):
+def test_load_registered_version_without_class_names_tag(tracking, registry):
     client, experiment_id = tracking
     with mlflow.start_run(experiment_id=experiment_id):
         version = register_model(tiny_model(4), NAME, sample(), {})
-    _, class_names = load_version(NAME, version.version)
-    assert class_names is None
+    assert load_registered_version(registry.params, version.version).class_names is None
 
 
 def test_servability_is_checked_in_a_fresh_process_from_the_registry(tracking, tmp_path):
-    from tasks.register import check_servable
+    from visionops.io.models import check_servable
 
     _, experiment_id = tracking
     model = tiny_model(5)
@@ -129,7 +131,7 @@ def test_the_fresh_process_dies_with_a_flow_killed_outright(tmp_path):
     import psutil
 
     flow = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom tasks.register import FreshProcess\n"
+        "import time\nfrom visionops.io.models import FreshProcess\n"
         f"process = FreshProcess('sqlite:///{tmp_path}/mlflow.db')\n"
         "print(process.process.pid, flush=True)\ntime.sleep(120)\n")],
         stdout=subprocess.PIPE, text=True)

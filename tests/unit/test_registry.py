@@ -3,8 +3,8 @@
 import pytest
 from mlflow import MlflowClient
 
-from visionops.config import Params
-from visionops.registry import ChampionChanged, Registry
+from visionops.core.config import Params
+from visionops.io.registry import ChampionChanged, Registry
 
 NAME = "registry-unit"
 

@@ -10,11 +10,11 @@ import textwrap
 import keras
 import pytest
 
-from tasks.preprocess import assign_splits, prepare_data
-from tasks.train import claim_backup_dir, train_model
-from tasks.validate import collect_facts
-from visionops.config import AugmentParams, DataParams, SplitParams, TrainParams
-from visionops.demo import write_digits
+from visionops.core.config import AugmentParams, DataParams, SplitParams, TrainParams
+from visionops.core.demo import write_digits
+from visionops.core.split import assign_splits, prepare_data
+from visionops.core.training import claim_backup_dir, train_model
+from visionops.io.validation import collect_facts
 
 FOUR_EPOCHS = TrainParams(epochs=4, batch_size=16, seed=42, early_stopping_patience=10)
 KEY = "code0-data1-params2"
@@ -78,7 +78,7 @@ def test_a_backup_that_does_not_load_is_discarded_with_a_warning(tiny_prepared, 
     for file in backup.iterdir():
         file.write_bytes(b"garbage, not a backup")
 
-    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+    with caplog.at_level(logging.WARNING, logger="visionops.core.training"):
         trained = train_model(tiny_prepared, FOUR_EPOCHS, AugmentParams(), tmp_path / "again",
                               verbose=0, backup_dir=backup)
     assert trained.resumed_from_epoch == 0
@@ -112,7 +112,7 @@ def test_a_second_live_claim_gets_a_private_folder_removed_afterwards(tmp_path):
 HOLD_A_CLAIM = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from tasks.train import claim_backup_dir
+    from visionops.core.training import claim_backup_dir
     with claim_backup_dir(Path(sys.argv[1]), sys.argv[2]) as folder:
         folder.mkdir()
         (folder / "latest.weights.h5").write_bytes(b"state")

@@ -2,8 +2,9 @@ import botocore.exceptions
 import pytest
 from prefect import flow, task
 
-from tasks.retry import TRANSIENT_RETRIES, is_transient_error
-from tasks.validate import DataValidationError, ValidationReport
+from tasks.retry import TRANSIENT_RETRIES
+from visionops.io.transient import is_transient_error
+from visionops.io.validation import DataValidationError, ValidationReport
 
 
 def test_connection_failures_are_transient_even_when_wrapped():
@@ -43,7 +44,7 @@ def test_a_dvc_pull_that_could_not_download_files_is_transient(tmp_path, tiny_di
     from dvc.exceptions import DownloadError, UploadError
     from dvc.repo import Repo
 
-    from tasks.version import pull_dataset, version_dataset
+    from visionops.io.dataset import pull_dataset, version_dataset
 
     Repo.init(str(tmp_path), no_scm=True).close()
     (tmp_path / ".dvc" / "config").write_text(

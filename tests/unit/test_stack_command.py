@@ -1,7 +1,7 @@
 from typer.testing import CliRunner
 
 from visionops.cli import app
-from visionops.stack import Stack
+from visionops.ops.stack import Stack
 
 
 def test_stack_up_without_postgres_says_so_and_starts_nothing(tmp_path):

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.preprocess import assign_splits, prepare_data
-from tasks.train import train_model
-from tasks.validate import collect_facts
-from visionops.config import AugmentParams, DataParams, SplitParams, TrainParams
-from visionops.demo import write_digits
-from visionops.models import build_model, seed_cnn, seed_cnn_bn
+from visionops.core.config import AugmentParams, DataParams, SplitParams, TrainParams
+from visionops.core.demo import write_digits
+from visionops.core.models import build_model, seed_cnn, seed_cnn_bn
+from visionops.core.split import assign_splits, prepare_data
+from visionops.core.training import train_model
+from visionops.io.validation import collect_facts
 
 TINY = TrainParams(epochs=2, batch_size=16, seed=42, early_stopping_patience=5)
 

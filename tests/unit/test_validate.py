@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.validate import DataValidationError, validate_dataset, validate_task, write_report
-from visionops.config import ValidationParams
+from tasks.validate import validate_task
+from visionops.core.config import ValidationParams
+from visionops.io.validation import DataValidationError, validate_dataset, write_report
 
 RULES = ValidationParams(min_images_per_class=3)
 
@@ -283,7 +284,7 @@ def test_data_docs_are_written_to_the_given_folder(tiny_digits):
 
 
 def test_facts_from_worker_processes_equal_the_serial_ones(tiny_digits, monkeypatch):
-    import tasks.validate as validate
+    import visionops.io.validation as validate
 
     serial = validate.collect_facts(tiny_digits, workers=1)
     monkeypatch.setattr(validate, "PARALLEL_MIN_FILES", 1)

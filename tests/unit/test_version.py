@@ -7,7 +7,7 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from tasks.version import content_hash, pull_dataset, sync_dataset, version_dataset
+from visionops.io.dataset import content_hash, pull_dataset, sync_dataset, version_dataset
 
 REMOTE_CONFIG = """[core]
     no_scm = True

@@ -14,7 +14,7 @@ import pytest
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from visionops.warmstart import flow_settings, import_while_waiting, start_prefect_server
+from visionops.ops.warmstart import flow_settings, import_while_waiting, start_prefect_server
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ FLOW_ON_THE_STARTED_SERVER = """
 import time
 from prefect import flow, get_client
 from prefect.server.api.server import SubprocessASGIServer
-from visionops.warmstart import ServerGuard, start_prefect_server
+from visionops.ops.warmstart import ServerGuard, start_prefect_server
 
 starting = start_prefect_server()
 (server,) = SubprocessASGIServer._instances.values()
@@ -100,7 +100,7 @@ def test_the_flow_runs_on_the_server_started_ahead(server_env: dict):
 
 SERVER_THEN_WAIT = """
 import time
-from visionops.warmstart import start_prefect_server
+from visionops.ops.warmstart import start_prefect_server
 
 start_prefect_server().join()
 print("answering", flush=True)

@@ -24,8 +24,8 @@ from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from visionops.config import Params
-from visionops.locks import exclusive
+from visionops.core.config import Params
+from visionops.io.locks import exclusive
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionops import processes
+from visionops.ops import processes
 
 
 def free_port() -> int:

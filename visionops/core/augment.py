@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from visionops.config import AugmentParams
+from visionops.core.config import AugmentParams
 
 
 def build_augmenter(params: AugmentParams, seed: int) -> keras.Sequential | None:

@@ -7,6 +7,8 @@ same params work from any working directory.
 from __future__ import annotations
 
 import os
+import re
+import zoneinfo
 from pathlib import Path
 from typing import Literal
 
@@ -121,9 +123,13 @@ class ScheduleParams(_Section):
 
     @model_validator(mode="after")
     def _valid(self) -> ScheduleParams:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        CronSchedule(cron=self.cron, timezone=self.timezone)  # Prefect's own checks
+        # The form only; Prefect checks each field's values when it builds the schedule.
+        if not re.fullmatch(r"\s*(\S+\s+){4}\S+\s*", self.cron):
+            raise ValueError(f"cron {self.cron!r}: five fields expected, e.g. '0 2 * * *'")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone {self.timezone!r}: not an IANA time zone") from exc
         return self
 
 

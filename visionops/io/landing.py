@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote
 
-from visionops.images import IMAGE_SUFFIXES
+from visionops.core.images import IMAGE_SUFFIXES
 
 OWN_FOLDER = ".visionops"
 MARKERS = f"{OWN_FOLDER}/handled"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from visionops.config import Params
+from visionops.core.config import Params
 
 
 def use_experiment(params: Params) -> str:

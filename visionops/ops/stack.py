@@ -23,8 +23,8 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionops import processes
-from visionops.objectstore import ObjectStore, free_port, start_seaweedfs
+from visionops.ops import processes
+from visionops.ops.objectstore import ObjectStore, free_port, start_seaweedfs
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 POSTGRES_URL_VARIABLE = "VISIONOPS_POSTGRES_URL"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from visionops.config import Params
+from visionops.core.config import Params
 
 REPORTS = Path("reports")
 
@@ -31,7 +31,7 @@ def _folder(params: Params, name: str) -> Path:
 
 
 def validate(params: Params) -> bool:
-    from tasks.validate import validate_dataset, write_report
+    from visionops.io.validation import validate_dataset, write_report
 
     report, facts = validate_dataset(params.data_dir, params.validation, params.data_docs_dir)
     write_report(report, facts, _folder(params, "validation"))
@@ -40,21 +40,21 @@ def validate(params: Params) -> bool:
 
 
 def split(params: Params) -> None:
-    from tasks.preprocess import assign_splits
+    from visionops.core.split import assign_splits
 
     facts = pd.read_csv(_out(params, "validation", "image_facts.csv"), dtype={"label": str})
     assign_splits(facts, params.split).to_csv(_out(params, "split.csv"), index=False)
 
 
 def _prepared(params: Params):
-    from tasks.preprocess import prepare_data
+    from visionops.core.split import prepare_data
 
     table = pd.read_csv(_out(params, "split.csv"), dtype={"label": str})
     return prepare_data(params.data_dir, table, params.data)
 
 
 def train(params: Params) -> None:
-    from tasks.train import train_model
+    from visionops.core.training import train_model
 
     result = train_model(_prepared(params), params.train, params.augment,
                          _folder(params, "train"))
@@ -65,7 +65,7 @@ def train(params: Params) -> None:
 def evaluate(params: Params) -> None:
     import keras
 
-    from tasks.evaluate import evaluate_model, plot_confusion_matrix
+    from visionops.core.metrics import evaluate_model, plot_confusion_matrix
 
     prepared = _prepared(params)
     model = keras.models.load_model(_out(params, "model.keras"))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from visionops.config import Params
-from visionops.registry import Registry
+from visionops.core.config import Params
+from visionops.io.registry import Registry
 
 
 def current_test_split(params: Params):
     """(test paths, integer labels, class names) of the dataset as it is now."""
-    from tasks.preprocess import assign_splits, class_names_of, split_labels
-    from tasks.validate import collect_facts
+    from visionops.core.split import assign_splits, class_names_of, split_labels
+    from visionops.io.validation import collect_facts
 
     table = assign_splits(collect_facts(params.data_dir, params.validation.max_side),
                           params.split)
@@ -19,10 +19,10 @@ def current_test_split(params: Params):
 
 
 def compare_versions(params: Params, versions: list[str]) -> dict:
-    from tasks.evaluate import evaluate_model
-    from tasks.gate import mcnemar_exact
-    from tasks.version import content_hash
-    from visionops.predict import load_registered_version
+    from visionops.core.gate import mcnemar_exact
+    from visionops.core.metrics import evaluate_model
+    from visionops.io.dataset import content_hash
+    from visionops.io.models import load_registered_version
 
     registry = Registry(params)
     names = [str(registry.version(v).version) for v in versions]
