@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -43,19 +44,17 @@ def epoch_metrics_logger():
 # the data version train the same model (fixed seeds), so the second trains nothing.
 # Not counted: the CLI, the flow, the stack, ingest, the gate (a change to the gate alone
 # re-gates the last challenger), registry, tracking, notification, schedule and compute.
-MODEL_CODE = ("visionops/images.py", "visionops/models.py",
-              "tasks/preprocess.py", "tasks/augment.py", "tasks/train.py")
+MODEL_CODE = ("visionops.core.images", "visionops.core.models", "visionops.core.split",
+              "visionops.core.augment", "visionops.core.training")
 MODEL_PARAMS = ("data", "split", "augment", "train")
 
 
-def source_hash(names: tuple[str, ...]) -> str:
-    """A hash of these source files (paths from the repository root), the same with or
-    without git."""
+def source_hash(modules: tuple[str, ...]) -> str:
+    """A hash of these modules' source files, the same with or without git."""
     digest = hashlib.sha256()
-    top = Path(__file__).resolve().parents[1]
-    for name in names:
+    for name in modules:
         digest.update(name.encode())
-        digest.update((top / name).read_bytes())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -73,7 +72,7 @@ def params_hash(params: Params) -> str:
     return _hash(params.model_dump(mode="json", include=set(MODEL_PARAMS)))
 
 
-GATE_CODE = ("tasks/gate.py", "tasks/evaluate.py")
+GATE_CODE = ("visionops.core.gate", "visionops.core.metrics")
 
 
 def gate_hash(params: Params) -> str:

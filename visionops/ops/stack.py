@@ -40,7 +40,7 @@ SERVICES = ("s3", "mlflow", "prefect-server", "prefect-worker")
 # The MLflow client's own HTTP retries stay short: the flow's tasks retry transient faults.
 CLIENT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-AUTH_CONFIG_TEMPLATE = Path(__file__).resolve().parents[1] / "mlflow" / "basic_auth.ini"
+AUTH_CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mlflow" / "basic_auth.ini"
 
 
 class StackError(RuntimeError):
