@@ -286,61 +286,41 @@ def _train(prepared, params, lineage: dict, out: Path):
     return trained
 
 
-@flow(name="retrain", log_prints=True, timeout_seconds=12 * 60 * 60,
-      on_failure=[report_failure], on_crashed=[report_failure], on_running=[record_process])
-def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> dict:
-    """Retrain on the dataset, compare with the champion on the same test split, and
-    promote the challenger only if the gate passes. Returns the run's summary."""
-    logger = get_run_logger()
-    params = load_params(params_path)
-    if prefect_server_url():  # a shared server: it marks runs whose heartbeats stop
-        crash_runs_whose_heartbeats_stop()
-    for reported in report_unreported_crashes(params, "retrain"):
-        logger.warning("An earlier run crashed and is now reported: %s", reported)
-    data = Path(data_dir).resolve() if data_dir else params.data_dir
-    registry = Registry(params)
-    model_name = params.registry.model_name
-    experiment_id = use_experiment(params)
+class Retrain:
+    """One retrain, in the stages a reviewer thinks in; each is a Prefect subflow, so the
+    UI shows data -> validation -> training -> evaluation -> promotion under the run.
+    The stages hand arrays and models to each other on this object: Prefect never sends
+    a flow method's instance to its API, so nothing large is copied or serialised."""
 
-    with mlflow.start_run(experiment_id=experiment_id,
-                          run_name=f"retrain-{flow_run.get_name() or 'local'}") as run, \
-            tempfile.TemporaryDirectory(prefix="visionops-") as scratch, \
-            contextlib.ExitStack() as cleanup:
-        out = Path(scratch)
-        commit = git_commit(params.root)
-        mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
-                         "prefect_flow_run_id": str(flow_run.get_id())})
-        mlflow.log_params(params.flat())
+    def __init__(self, params, data: Path, by_hand: bool, out: Path, run_id: str,
+                 experiment_id: str, commit: str):
+        self.params, self.data, self.by_hand, self.out = params, data, by_hand, out
+        self.run_id, self.experiment_id, self.commit = run_id, experiment_id, commit
+        self.registry = Registry(params)
+        self.actor = f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})"
 
+    @flow(name="retrain-data", log_prints=True)
+    def take_in_data(self) -> str | None:
+        """The recorded dataset checked out, and the landing area ingested into it;
+        the text of data.dvc as logged to the run."""
+        logger, params, data = get_run_logger(), self.params, self.data
         remote, branch = params.ingest.git_remote, params.ingest.git_branch
-        if not data_dir:
+        if not self.by_hand:
             mlflow.set_tag("data_sync", sync_task(data, remote, branch))
         elif needs_pull(data):  # a folder given by hand is the user's: only filled if empty
             pull_task(data)
-        if params.landing and not data_dir:
+        if params.landing and not self.by_hand:
             ingested = ingest_task(params.landing, params)
-            _log_dict(ingested.to_dict(), "data/ingest.json", out)
+            _log_dict(ingested.to_dict(), "data/ingest.json", self.out)
             logger.info(ingested.describe())
             if ingested.pending:
                 mlflow.set_tag("ingest_pending", str(len(ingested.pending)))
-        logged_dvc_file = _log_dvc_file(data)
+        return _log_dvc_file(data)
 
-        champion_mv = registry.champion()
-        lineage = {"data_version": content_hash(data), "code_version": code_version(),
-                   "params_hash": params_hash(params)}
-        mlflow.set_tags(lineage)
-        same = _trained_on(registry, lineage)
-        if same is not None and not _gate_again(same, champion_mv, params):
-            return _unchanged(same, champion_mv, lineage, run.info.run_id, experiment_id,
-                              params)
-        if same is not None:
-            logger.info("v%s was trained on this data, model code and training params; "
-                        "gating it again instead of training", same.version)
-            mlflow.set_tag("regated_version", str(same.version))
-        # The serve check's process: its imports (seconds) run on the other core while this
-        # one validates; it then waits, idle during training, to load the registered version.
-        fresh = cleanup.enter_context(FreshProcess(params.tracking_uri))
-
+    @flow(name="retrain-validation", log_prints=True)
+    def validate_and_version(self, logged_dvc_file: str | None) -> None:
+        """Validation and drift (either can stop the run), the dataset version, the split."""
+        params, data, out = self.params, self.data, self.out
         precomputed = (dask_facts(data, params.validation.max_side, params.compute)
                        if params.compute.runner == "dask" else None)
         try:
@@ -353,78 +333,95 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         _log_validation(report, facts, out, params.data_docs_dir)
 
         if params.drift.enabled:
-            _check_drift(champion_mv, facts, params, out)
+            _check_drift(self.champion_mv, facts, params, out)
 
-        version = version_task(data)
-        if not data_dir:  # a hand-edited data/ gets its version here
-            recorded = record_task(data, remote, branch)
+        self.version = version_task(data)
+        if not self.by_hand:  # a hand-edited data/ gets its version here
+            recorded = record_task(data, params.ingest.git_remote, params.ingest.git_branch)
             mlflow.set_tag("data_commit", recorded.commit or "")
         _log_dvc_file(data, logged_dvc_file)  # again if versioning changed it
-        mlflow.set_tags({"data_version": version.md5, "dvc_file": version.dvc_file or "",
-                         "dvc_remote": version.pushed_to or ""})
-        split_table, prepared = preprocess_task(data, facts, params.data, params.split)
+        mlflow.set_tags({"data_version": self.version.md5,
+                         "dvc_file": self.version.dvc_file or "",
+                         "dvc_remote": self.version.pushed_to or ""})
+        split_table, self.prepared = preprocess_task(data, facts, params.data, params.split)
         split_path = out / "split.csv"
         split_table.to_csv(split_path, index=False)
         upload_task([(split_path, "data")])
-        mlflow.log_params({f"n_{name}": len(getattr(prepared, name).y)
+        mlflow.log_params({f"n_{name}": len(getattr(self.prepared, name).y)
                            for name in ("train", "val", "test")}
-                          | {"n_classes": len(prepared.class_names)})
+                          | {"n_classes": len(self.prepared.class_names)})
 
-        model = trained = None
-        if same is not None:
-            model = _load_to_regate(registry, same)
-            same = same if model is not None else None
-        if same is None:
-            trained = _train(prepared, params, lineage, out)
-            model = trained.model
+    @flow(name="retrain-training", log_prints=True)
+    def train_or_reload(self, regate_version: str | None) -> None:
+        """The challenger: trained, or, for a version to gate again, loaded from the
+        registry (trained after all when it no longer loads)."""
+        self.model = self.trained = None
+        if regate_version is not None:
+            self.model = _load_to_regate(self.registry, self.same)
+            self.same = self.same if self.model is not None else None
+        if self.same is None:
+            self.trained = _train(self.prepared, self.params, self.lineage, self.out)
+            self.model = self.trained.model
 
-        challenger = evaluate_task(model, data, prepared.test.paths, prepared.test.y,
-                                   prepared.class_names)
-        _log_evaluation(challenger, "test", prepared.class_names, out)
-
-        champion = None
-        if champion_mv is not None:
-            loaded = load_registered_version(params, champion_mv.version)
-            champion = evaluate_task.with_options(name="Evaluate champion on the same split")(
-                loaded.model, data, prepared.test.paths, prepared.test.y,
+    @flow(name="retrain-evaluation", log_prints=True)
+    def evaluate_and_gate(self, champion_version: str | None) -> str:
+        """Challenger and champion on the same test split, and the gate's decision."""
+        prepared, out = self.prepared, self.out
+        self.challenger = evaluate_task(self.model, self.data, prepared.test.paths,
+                                        prepared.test.y, prepared.class_names)
+        _log_evaluation(self.challenger, "test", prepared.class_names, out)
+        self.champion = None
+        if self.champion_mv is not None:
+            loaded = load_registered_version(self.params, self.champion_mv.version)
+            self.champion = evaluate_task.with_options(
+                name="Evaluate champion on the same split")(
+                loaded.model, self.data, prepared.test.paths, prepared.test.y,
                 prepared.class_names, loaded.class_names)
-            _log_evaluation(champion, "champion_test", prepared.class_names, out)
-            mlflow.set_tag("champion_version", champion_mv.version)
+            _log_evaluation(self.champion, "champion_test", prepared.class_names, out)
+            mlflow.set_tag("champion_version", self.champion_mv.version)
+        self.decision = gate_task(
+            self.challenger.metrics, self.champion and self.champion.metrics,
+            self.params.gate, champion_version, class_recalls(self.challenger),
+            self.champion and (self.challenger.predictions == prepared.test.y,
+                               self.champion.predictions == prepared.test.y))
+        return self.decision.decision
 
-        decision = gate_task(
-            challenger.metrics, champion and champion.metrics, params.gate,
-            champion_mv and champion_mv.version, class_recalls(challenger),
-            champion and (challenger.predictions == prepared.test.y,
-                          champion.predictions == prepared.test.y))
-        if same is None:
+    @flow(name="retrain-promotion", log_prints=True)
+    def register_and_promote(self, champion_version: str | None) -> str | None:
+        """Register the challenger; if the gate passed and it serves from the registry,
+        export it and promote it (compare-and-set on the champion). The version, or None
+        when a run started together with this one registered the same lineage first."""
+        params, registry, model = self.params, self.registry, self.model
+        if self.same is None:
             with registry.lock():  # a run started together with this one may have won
-                same = _trained_on(registry, lineage)
-                registered = same or register_task(model, model_name, prepared.test.x[:2], {
-                    **lineage, "data_version": version.md5, "git_commit": commit,
-                    "class_names": json.dumps(prepared.class_names),
-                    **{f"test_{k}": f"{v:.4f}" for k, v in challenger.metrics.items()},
-                })
-            if same is not None:
-                return _unchanged(same, champion_mv, lineage, run.info.run_id,
-                                  experiment_id, params, trained)
+                self.same = _trained_on(registry, self.lineage)
+                if self.same is not None:
+                    return None
+                self.registered = register_task(
+                    model, params.registry.model_name, self.prepared.test.x[:2], {
+                        **self.lineage, "data_version": self.version.md5,
+                        "git_commit": self.commit,
+                        "class_names": json.dumps(self.prepared.class_names),
+                        **{f"test_{k}": f"{v:.4f}"
+                           for k, v in self.challenger.metrics.items()}})
+            self.regated = False
         else:
-            registered = same
-        exporting = None
+            self.registered, self.regated = self.same, True
+        decision, exporting = self.decision, None
         if decision.promote:
-            sample = prepared.test.x[:8]
+            sample = self.prepared.test.x[:8]
             expected = model.predict(sample, verbose=0)  # before the export uses it
             # The exports are built while the fresh process loads the version: it is
             # mostly start-up time, and a version that passed the gate almost always serves.
-            exporting = export_task.submit(model, out / "export")
-            decision = _check_servable(decision, registered, params, sample, expected,
-                                       fresh)
+            exporting = export_task.submit(model, self.out / "export")
+            decision = _check_servable(decision, self.registered, params, sample, expected,
+                                       self.fresh)
         if decision.promote:
-            registry.set_challenger(registered.version)
+            registry.set_challenger(self.registered.version)
             upload_task([(path, f"export/{path.name}" if path.is_dir() else "export")
                          for path in exporting.result()])
-            moved = promote_task(params, registered.version, decision.reason,
-                                 f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})",
-                                 champion_mv and str(champion_mv.version))
+            moved = promote_task(params, self.registered.version, decision.reason,
+                                 self.actor, champion_version)
             if moved["event"] == "refused":
                 decision = GateDecision(
                     REJECTED, moved["reason"],
@@ -432,29 +429,89 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
                     decision.mcnemar, decision.power)
         elif exporting is not None:
             exporting.wait()  # a version that does not serve is not exported
-        _record_decision(decision, registry, registered.version,
-                         champion_mv and str(champion_mv.version), params, out)
-        champion_now = registry.champion()
+        _record_decision(decision, registry, self.registered.version, champion_version,
+                         params, self.out)
+        self.decision = decision
+        return str(self.registered.version)
 
+    def summary(self) -> dict:
+        champion_now = self.registry.champion()
+        challenger, champion, decision = self.challenger, self.champion, self.decision
         create_markdown_artifact(
             key="retrain-decision", description="Challenger vs champion and the gate decision",
-            markdown=_decision_markdown(challenger, champion, champion_mv and champion_mv.version,
-                                        decision, registered.version, version.md5))
+            markdown=_decision_markdown(challenger, champion,
+                                        self.champion_mv and self.champion_mv.version,
+                                        decision, self.registered.version, self.version.md5))
         return {
-            "data_version": version.md5,
-            "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
-            "tracking_uri": params.tracking_uri,
+            "data_version": self.version.md5,
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+            "tracking_uri": self.params.tracking_uri,
             "metrics": challenger.metrics,
             "champion_metrics": champion and champion.metrics,
             "decision": decision.decision,
             "reason": decision.reason,
-            "model_name": model_name,
-            "model_version": registered.version,
-            "regated": same is not None,
-            "same_as_version": same and same.version,
-            "previous_champion_version": champion_mv and champion_mv.version,
+            "model_name": self.params.registry.model_name,
+            "model_version": self.registered.version,
+            "regated": self.regated,
+            "same_as_version": self.regated and self.same.version or None,
+            "previous_champion_version": self.champion_mv and self.champion_mv.version,
             "champion_version": champion_now and champion_now.version,
-            "epochs_run": trained.epochs_run if trained else 0,
-            "fit_seconds": trained.fit_seconds if trained else 0.0,
+            "epochs_run": self.trained.epochs_run if self.trained else 0,
+            "fit_seconds": self.trained.fit_seconds if self.trained else 0.0,
         }
+
+    def run(self, fresh_process: contextlib.ExitStack) -> dict:
+        logger = get_run_logger()
+        logged_dvc_file = self.take_in_data()
+
+        self.champion_mv = self.registry.champion()
+        champion_version = self.champion_mv and str(self.champion_mv.version)
+        self.lineage = {"data_version": content_hash(self.data),
+                        "code_version": code_version(), "params_hash": params_hash(self.params)}
+        mlflow.set_tags(self.lineage)
+        self.same = _trained_on(self.registry, self.lineage)
+        if self.same is not None and not _gate_again(self.same, self.champion_mv, self.params):
+            return _unchanged(self.same, self.champion_mv, self.lineage, self.run_id,
+                              self.experiment_id, self.params)
+        if self.same is not None:
+            logger.info("v%s was trained on this data, model code and training params; "
+                        "gating it again instead of training", self.same.version)
+            mlflow.set_tag("regated_version", str(self.same.version))
+        # The serve check's process: its imports (seconds) run on the other core while this
+        # one validates; it then waits, idle during training, to load the registered version.
+        self.fresh = fresh_process.enter_context(FreshProcess(self.params.tracking_uri))
+
+        self.validate_and_version(logged_dvc_file)
+        self.train_or_reload(self.same and str(self.same.version))
+        self.evaluate_and_gate(champion_version)
+        if self.register_and_promote(champion_version) is None:
+            return _unchanged(self.same, self.champion_mv, self.lineage, self.run_id,
+                              self.experiment_id, self.params, self.trained)
+        return self.summary()
+
+
+@flow(name="retrain", log_prints=True, timeout_seconds=12 * 60 * 60,
+      on_failure=[report_failure], on_crashed=[report_failure], on_running=[record_process])
+def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> dict:
+    """Retrain on the dataset, compare with the champion on the same test split, and
+    promote the challenger only if the gate passes. Returns the run's summary."""
+    logger = get_run_logger()
+    params = load_params(params_path)
+    if prefect_server_url():  # a shared server: it marks runs whose heartbeats stop
+        crash_runs_whose_heartbeats_stop()
+    for reported in report_unreported_crashes(params, "retrain"):
+        logger.warning("An earlier run crashed and is now reported: %s", reported)
+    data = Path(data_dir).resolve() if data_dir else params.data_dir
+    experiment_id = use_experiment(params)
+
+    with mlflow.start_run(experiment_id=experiment_id,
+                          run_name=f"retrain-{flow_run.get_name() or 'local'}") as run, \
+            tempfile.TemporaryDirectory(prefix="visionops-") as scratch, \
+            contextlib.ExitStack() as cleanup:
+        commit = git_commit(params.root)
+        mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
+                         "prefect_flow_run_id": str(flow_run.get_id())})
+        mlflow.log_params(params.flat())
+        return Retrain(params, data, bool(data_dir), Path(scratch), run.info.run_id,
+                       experiment_id, commit).run(cleanup)

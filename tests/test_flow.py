@@ -28,7 +28,7 @@ def test_first_run_promotes_a_champion_with_lineage(trained_project):
     champion = client.get_model_version_by_alias("tiny-digits", "champion")
     assert str(champion.version) == str(summary["model_version"])
     assert str(summary["champion_version"]) == str(champion.version)
-    assert champion.current_stage == "Production"
+    assert "champion" in champion.aliases
     assert champion.tags["decision"] == "first_champion"
 
     dvc_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
@@ -115,7 +115,7 @@ def test_worse_challenger_is_rejected_and_champion_kept(trained_project):
         first["model_version"])
     rejected = client.get_model_version("tiny-digits", str(summary["model_version"]))
     assert rejected.tags["decision"] == "rejected"
-    assert rejected.current_stage != "Production"
+    assert "champion" not in rejected.aliases
     # The champion was re-scored on the same test split, so it scores what it scored first.
     run = client.get_run(summary["run_id"])
     assert run.data.metrics["champion_test_accuracy"] == pytest.approx(

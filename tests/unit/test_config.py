@@ -128,3 +128,40 @@ def test_an_unknown_environment_override_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("VISIONOPS_TRAIN__EPOCHZ", "3")
     with pytest.raises(ConfigError, match="train.epochz: unknown key"):
         load_params(write_params(tmp_path, ""))
+
+
+def test_environment_values_are_read_as_yaml(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_VALIDATION__ALLOWED_FORMATS", "[PNG]")
+    monkeypatch.setenv("VISIONOPS_INGEST__LANDING", "null")
+    monkeypatch.setenv("VISIONOPS_DATA__CHANNELS", "3")
+    monkeypatch.setenv("VISIONOPS_DRIFT__ENABLED", "false")
+    monkeypatch.setenv("VISIONOPS_SCHEDULE__CRON", "0 3 * * *")
+    params = load_params(write_params(tmp_path, "ingest:\n  landing: landing\n"))
+    assert params.validation.allowed_formats == ["PNG"]
+    assert params.landing is None
+    assert params.data.channels == 3
+    assert params.drift.enabled is False
+    assert params.schedule.cron == "0 3 * * *"
+
+
+def test_an_environment_override_of_an_unknown_section_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_TRIAN__EPOCHS", "3")
+    with pytest.raises(ConfigError, match="trian: unknown key"):
+        load_params(write_params(tmp_path, ""))
+
+
+def test_an_environment_value_that_is_not_yaml_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONOPS_VALIDATION__ALLOWED_FORMATS", "[PNG")
+    with pytest.raises(ConfigError, match="VISIONOPS_VALIDATION__ALLOWED_FORMATS: not valid YAML"):
+        load_params(write_params(tmp_path, ""))
+
+
+def test_a_section_that_is_not_a_mapping_is_refused_even_when_overridden(tmp_path):
+    path = write_params(tmp_path, "train: 5\n")
+    with pytest.raises(ConfigError, match="train: expected a mapping"):
+        load_params(path, train__epochs=2)
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_params(write_params(tmp_path, "- train\n"))

@@ -1,4 +1,5 @@
 import json
+import tempfile
 
 import keras
 import mlflow
@@ -65,22 +66,22 @@ def test_champion_is_none_for_an_unknown_model(registry):
     assert registry.champion() is None
 
 
-def test_promote_sets_alias_and_stage_and_archives_the_previous_champion(tracking, registry):
+def test_promote_moves_the_champion_alias_and_records_the_replaced_version(tracking,
+                                                                          registry):
     client, experiment_id = tracking
     first = register(experiment_id, tiny_model(1))
     second = register(experiment_id, tiny_model(2))
     assert (str(first.version), str(second.version)) == ("1", "2")
 
     registry.promote(first.version, "first", "tester")
-    champion = registry.champion()
-    assert str(champion.version) == "1"
-    assert champion.current_stage == "Production"
+    assert str(registry.champion().version) == "1"
 
     registry.promote(second.version, "better", "tester")
     assert str(registry.champion().version) == "2"
-    assert client.get_model_version(NAME, "2").current_stage == "Production"
-    assert client.get_model_version(NAME, "1").current_stage == "Archived"
+    assert client.get_model_version(NAME, "2").aliases == ["champion"]
     assert client.get_model_version(NAME, "1").aliases == []
+    assert [(e["from_version"], e["to_version"]) for e in registry.history()] == [
+        ("", "1"), ("1", "2")]
 
 
 def test_load_registered_version_returns_an_equivalent_model_and_class_names(tracking,
@@ -120,6 +121,24 @@ def test_servability_is_checked_in_a_fresh_process_from_the_registry(tracking, t
     assert problem is not None and "differ by up to 1.00e-02" in problem
     missing = check_servable(f"models:/{NAME}/99", store, x, expected)
     assert missing is not None and "failed to load or predict in a fresh process" in missing
+
+
+def test_the_serve_check_takes_paths_and_names_with_spaces(tmp_path, monkeypatch):
+    from visionops.io.models import check_servable
+
+    spaced = tmp_path / "a store with spaces"
+    (spaced / "scratch files").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(spaced / "scratch files"))  # sample, answer
+    store = f"sqlite:///{spaced}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    model, x = tiny_model(6), sample()
+    with _use_tracking_uri(store):
+        experiment_id = mlflow.create_experiment(
+            "spaced", artifact_location=(spaced / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id):
+            version = register_model(model, "unit digits", x, {})
+    uri = f"models:/unit digits/{version.version}"
+    assert check_servable(uri, store, x, model.predict(x, verbose=0)) is None
 
 
 def test_the_fresh_process_dies_with_a_flow_killed_outright(tmp_path):

@@ -301,3 +301,12 @@ def test_truncated_jpeg_is_named(tiny_digits, make_image):
     assert check == "decodable"
     assert offenders == [offenders[0]] and offenders[0].startswith(
         "2/photo.jpg: not a decodable image (")
+
+
+def test_validation_draws_no_progress_bars(tiny_digits, capfd):
+    """great-expectations draws a progress bar per validation unless its context's
+    `progress_bars` config turns them off."""
+    validate_dataset(tiny_digits, RULES)
+    validate_dataset(tiny_digits, RULES, docs_dir=tiny_digits.parent / "docs")
+    output = capfd.readouterr()
+    assert "Calculating Metrics" not in output.err + output.out

@@ -7,7 +7,15 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from visionops.io.dataset import content_hash, pull_dataset, sync_dataset, version_dataset
+from visionops.io import dataset
+from visionops.io.dataset import (
+    content_hash,
+    in_cache,
+    pull_dataset,
+    recorded_files,
+    sync_dataset,
+    version_dataset,
+)
 
 REMOTE_CONFIG = """[core]
     no_scm = True
@@ -179,3 +187,71 @@ def test_dvc_operations_wait_for_the_lock_another_dvc_command_holds(dvc_repo):
     assert time.monotonic() - started > hold_s - 1
     assert version.md5 == content_hash(dvc_repo / "data")
     assert pull_dataset(dvc_repo / "data") == (dvc_repo / "data").resolve()
+
+
+def test_the_dvc_internals_used_here_still_exist():
+    """visionops.io.dataset uses these dvc-data / dvc-objects internals (DVC has no public
+    API for them); an upgrade that moves one fails here, by name."""
+    from importlib import metadata
+
+    found = {name: metadata.version(name) for name in dataset.DVC_INTERNALS_MAJORS}
+    assert dataset.dvc_internals_supported(), (
+        f"{found}: not the majors {dataset.DVC_INTERNALS_MAJORS} visionops.io.dataset was "
+        "tested with; it now hashes with DVC's documented formats. Check the names below "
+        "still exist and work, then update DVC_INTERNALS_MAJORS.")
+    try:
+        from dvc_data.hashfile.build import build
+        from dvc_data.hashfile.db import HashFileDB
+        from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
+    except ImportError as exc:
+        pytest.fail(f"{found}: {exc}. visionops.io.dataset._content_hash_by_dvc_data uses "
+                    "dvc_data.hashfile.build.build, dvc_data.hashfile.db.HashFileDB and "
+                    "dvc_objects.fs.LocalFileSystem/MemoryFileSystem; narrow "
+                    "DVC_INTERNALS_MAJORS or follow where they moved.")
+    try:
+        from dvc_data.hashfile.hash_info import HashInfo
+        from dvc_data.hashfile.tree import Tree
+    except ImportError as exc:
+        pytest.fail(f"{found}: {exc}. visionops.io.dataset._listing_by_dvc_data uses "
+                    "dvc_data.hashfile.tree.Tree.load and dvc_data.hashfile.hash_info."
+                    "HashInfo; narrow DVC_INTERNALS_MAJORS or follow where they moved.")
+    assert callable(build) and LocalFileSystem and MemoryFileSystem and HashInfo
+    assert callable(Tree.load), "_listing_by_dvc_data uses Tree.load"
+    assert callable(HashFileDB.exists), "in_cache uses repo.cache.local.exists (HashFileDB)"
+
+
+def test_the_documented_formats_give_what_dvc_records(dvc_repo, monkeypatch):
+    """The fallback for other dvc-data majors: the same md5 as `dvc add`, nested folders
+    and names outside ASCII included, the same answer on what the cache holds, and the
+    same listing (through dvc.api)."""
+    data = dvc_repo / "data"
+    (data / "2" / "deeper" / "é ü.png").parent.mkdir()
+    (data / "2" / "deeper" / "é ü.png").write_bytes(b"not ascii")
+    (data / "empty").mkdir()
+    version = version_dataset(data, push=False)
+    listed = {p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file()}
+    copy = shutil.copytree(data, dvc_repo / "copy")
+    (data / "0" / "not-added.png").write_bytes(b"in the folder, not in the version")
+
+    def answers():
+        with Repo(str(dvc_repo)) as repo:
+            return (content_hash(copy), content_hash(data), in_cache(repo, version.md5),
+                    in_cache(repo, content_hash(data)), recorded_files(data))
+
+    by_dvc_data = answers()
+    monkeypatch.setattr(dataset, "dvc_internals_supported", lambda: False)
+    assert answers() == by_dvc_data
+    assert by_dvc_data[0] == version.md5 != by_dvc_data[1]
+    assert by_dvc_data[2:] == (True, False, listed)
+
+
+def test_recorded_files_are_the_version_data_dvc_names(dvc_repo):
+    data = dvc_repo / "data"
+    assert recorded_files(data) is None  # not tracked yet
+    version_dataset(data, push=False)
+    tracked = {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
+    (data / "0" / "not-added.png").write_bytes(b"new")
+    (data / "1" / "digit_0001.png").unlink()
+    assert recorded_files(data) == tracked
+    shutil.rmtree(dvc_repo / ".dvc" / "cache")
+    assert recorded_files(data) is None  # the listing is not here: callers look at data/

@@ -6,14 +6,22 @@ same params work from any working directory.
 
 from __future__ import annotations
 
-import os
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -217,44 +225,94 @@ def _describe(error: ValidationError) -> str:
 ENV_PREFIX = "VISIONOPS_"
 
 
-def env_overrides() -> dict[str, object]:
-    """`VISIONOPS_<SECTION>__<KEY>=value` variables as `section__key` overrides, the value
-    read as YAML (so `3`, `true` and `null` mean what they say). This is how one
-    deployment differs from another without editing params.yaml, e.g.
-    `VISIONOPS_MLFLOW__TRACKING_URI=http://mlflow:5000` (see `visionops stack env`).
-    MLFLOW_TRACKING_URI is not read: MLflow itself rewrites it in-process."""
-    overrides = {}
-    for name, value in os.environ.items():
-        if name.startswith(ENV_PREFIX) and "__" in name:
-            overrides[name.removeprefix(ENV_PREFIX).lower()] = yaml.safe_load(value)
-    return overrides
+class _ParamsFile(YamlConfigSettingsSource):
+    """params.yaml, with its reading errors as ConfigErrors."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        try:
+            sections = super()._read_file(file_path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file_path}: not valid YAML: {exc}") from exc
+        if not isinstance(sections, dict):
+            raise ConfigError(f"{file_path}: expected a mapping of sections at the top level")
+        for section, values in sections.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{file_path}: {section}: expected a mapping")
+        return sections
+
+
+class _ParamsEnvironment(EnvSettingsSource):
+    """`VISIONOPS_<SECTION>__<KEY>` variables, each value read as YAML as in params.yaml
+    (`3`, `true`, `null`, `[PNG, JPEG]`). A variable whose section is no param section
+    is handed on too, so that it is refused by name like an unknown key in the file."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        prepared = super().prepare_field_value(field_name, field, value, value_is_complex)
+        if isinstance(prepared, dict):
+            return {key: self._read(f"{field_name}__{key}", raw) for key, raw in prepared.items()}
+        return self._read(field_name, prepared) if isinstance(prepared, str) else prepared
+
+    def _read(self, name: str, value: str) -> object:
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.env_prefix}{name.upper()}: not valid YAML: {exc}") from exc
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        prefix = self.env_prefix.lower()
+        for name, value in self.env_vars.items():
+            section, delimiter, key = name.removeprefix(prefix).partition("__")
+            if name.startswith(prefix) and delimiter and section not in Params.model_fields:
+                values.setdefault(section, {})[key] = value
+        return values
+
+
+class _ParamsSettings(BaseSettings, Params):
+    """Where params come from, the first that sets a value winning: `load_params`
+    overrides, `VISIONOPS_<SECTION>__<KEY>` variables, the params file (`yaml_file`),
+    the defaults above. `VISIONOPS_MLFLOW__TRACKING_URI=http://mlflow:5000` is how one
+    deployment differs from another without editing params.yaml (see `visionops stack
+    env`). MLFLOW_TRACKING_URI is not read: MLflow itself rewrites it in-process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", enable_decoding=False
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _ParamsEnvironment(settings_cls), _ParamsFile(settings_cls)
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, **overrides: object) -> Params:
-    """Read and validate params.yaml; then `VISIONOPS_<SECTION>__<KEY>` variables and
-    `overrides` (`section__key=value` pairs) replace single values, in that order."""
+    """Read and validate params.yaml; `VISIONOPS_<SECTION>__<KEY>` variables and then
+    `overrides` (`section__key=value` pairs) replace single values."""
     path = Path(path)
-    overrides = {**env_overrides(), **overrides}
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: file not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    sections: dict[str, dict[str, object]] = {}
     for dotted, value in overrides.items():
         section, _, key = dotted.partition("__")
         if not key:
             raise ConfigError(f"override {dotted!r}: expected section__key")
-        if raw.get(section) is None:
-            raw[section] = {}
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"{path}: {section}: expected a mapping")
-        raw[section][key] = value
+        sections.setdefault(section, {})[key] = value
+
+    class ParamsFromFile(_ParamsSettings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
     try:
-        return Params(**raw, root=path.resolve().parent)
+        settings = ParamsFromFile(**sections, root=path.resolve().parent)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid params\n{_describe(exc)}") from exc
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    except SettingsError as exc:
+        raise ConfigError(f"{path}: {exc.__cause__ or exc}") from exc
+    return Params(**dict(settings))

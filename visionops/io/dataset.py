@@ -5,6 +5,10 @@ git remote and branch so that a fresh clone of that branch names it."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,18 +16,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import metadata
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import yaml
 
 Result = TypeVar("Result")
+LOGGER = logging.getLogger(__name__)
 
 # DVC gives up on its repository lock after 3 s; our calls wait this long for it.
 DVC_LOCK_WAIT_S = 600.0
 GIT_TIMEOUT_S = 300
 PUSH_ATTEMPTS = 5  # the remote branch may move between our fetch and our push
 FALLBACK_IDENTITY = {"user.name": "visionops", "user.email": "visionops@localhost"}
+# DVC has no public API to hash a folder as `dvc add` would, or to ask whether its cache
+# holds a directory version: those two use dvc-data's internals within the majors they are
+# tested with (tests/unit/test_version.py::test_the_dvc_internals_used_here_still_exist),
+# and DVC's documented formats (the `.dir` listing, the cache's layout) otherwise.
+DVC_INTERNALS_MAJORS = {"dvc-data": "3", "dvc-objects": "5"}
 
 
 @dataclass
@@ -49,14 +60,6 @@ class GitError(RuntimeError):
 
 class DatasetVersionConflict(RuntimeError):
     """The remote branch records a dataset version this repository never had."""
-
-
-
-
-
-
-
-
 
 
 def _dvc_root(data_dir: Path) -> Path | None:
@@ -88,6 +91,27 @@ def _recorded_out(text: str, source: str) -> dict:
 
 def content_hash(data_dir: Path) -> str:
     """The md5 `dvc add` would record, computed without tracking the folder."""
+    if dvc_internals_supported():
+        return _content_hash_by_dvc_data(data_dir)
+    return _content_hash_by_format(data_dir)
+
+
+@functools.cache
+def dvc_internals_supported() -> bool:
+    """dvc-data and dvc-objects are of the majors whose internals this module uses."""
+    try:
+        found = {name: metadata.version(name) for name in DVC_INTERNALS_MAJORS}
+    except metadata.PackageNotFoundError:
+        return False
+    supported = all(found[name].split(".")[0] == major
+                    for name, major in DVC_INTERNALS_MAJORS.items())
+    if not supported:
+        LOGGER.warning("dvc-data %s / dvc-objects %s: untested majors, hashing and cache "
+                       "lookups use DVC's documented formats", *found.values())
+    return supported
+
+
+def _content_hash_by_dvc_data(data_dir: Path) -> str:
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs import LocalFileSystem, MemoryFileSystem
@@ -95,6 +119,65 @@ def content_hash(data_dir: Path) -> str:
     scratch = HashFileDB(MemoryFileSystem(), "/scratch")
     _, _, tree = build(scratch, str(data_dir.resolve()), LocalFileSystem(), "md5")
     return tree.hash_info.value
+
+
+def _content_hash_by_format(data_dir: Path) -> str:
+    """DVC's documented directory hash: the md5 of its `.dir` listing (a JSON list of
+    {"md5", "relpath"} sorted by relpath, each file's md5 of its bytes), plus `.dir`."""
+    data_dir = data_dir.resolve()
+    listing = []
+    for folder, _, names in os.walk(data_dir):
+        for name in names:
+            path = Path(folder, name)
+            with path.open("rb") as content:
+                md5 = hashlib.file_digest(content, "md5").hexdigest()
+            listing.append({"md5": md5, "relpath": path.relative_to(data_dir).as_posix()})
+    listing.sort(key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def in_cache(repo, md5: str) -> bool:
+    """The DVC repository's local cache holds the object `md5` (for a directory version,
+    its listing): a version this repository had."""
+    if dvc_internals_supported():
+        return repo.cache.local.exists(md5)
+    return Path(repo.cache.local_cache_dir, "files", "md5", md5[:2], md5[2:]).is_file()
+
+
+def recorded_files(data_dir: Path) -> set[str] | None:
+    """Paths (relative to the folder) in the version `<data>.dvc` records; None outside a
+    DVC repository, without `<data>.dvc`, or when the local cache lacks that version's
+    listing."""
+    from dvc.repo import Repo
+
+    data_dir = data_dir.resolve()
+    root, tracked_by = _dvc_root(data_dir), dvc_file(data_dir)
+    if root is None or not tracked_by.is_file():
+        return None
+    md5 = recorded_md5(tracked_by)
+    with Repo(str(root)) as repo:
+        if not in_cache(repo, md5):
+            return None
+        if dvc_internals_supported():
+            return _listing_by_dvc_data(repo, md5)
+        return _listing_by_dvc_api(repo, data_dir.relative_to(root))
+
+
+def _listing_by_dvc_data(repo, md5: str) -> set[str]:
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    return {"/".join(key) for key, _, _ in Tree.load(repo.cache.local, HashInfo("md5", md5))}
+
+
+def _listing_by_dvc_api(repo, folder: Path) -> set[str]:
+    """The same through DVC's public file system; it indexes the whole workspace first,
+    about five times slower."""
+    from dvc.api import DVCFileSystem
+
+    top = PurePosixPath("/", folder.as_posix())
+    found = DVCFileSystem(repo=repo).find(str(top), detail=False, dvc_only=True)
+    return {PurePosixPath(path).relative_to(top).as_posix() for path in found}
 
 
 def version_dataset(data_dir: Path, push: bool = True) -> DataVersion:
@@ -169,7 +252,7 @@ def sync_dataset(data_dir: Path) -> str:
 
     def check_out() -> str:
         with contextlib.redirect_stdout(sys.stderr), Repo(str(root)) as repo:
-            if current is not None and not repo.cache.local.exists(current):
+            if current is not None and not in_cache(repo, current):
                 return "modified"
             try:
                 repo.checkout(targets=[str(tracked_by)], force=True)

@@ -40,10 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from visionops.core.config import Params
-from visionops.io.dataset import DataVersion, dvc_file, record_dataset, version_dataset
+from visionops.io.dataset import DataVersion, record_dataset, recorded_files, version_dataset
 from visionops.io.landing import (
     REFUSED,
     FileChanged,
@@ -317,19 +316,12 @@ def _keep(folder: Path, staging: Path, key: str, reasons: list[str]) -> None:
 
 
 def dataset_files(data_dir: Path) -> set[str]:
-    """Paths (relative to `data_dir`) in the dataset version `<data>.dvc` records, read
-    from the local DVC cache; the files in `data_dir` when it has no `.dvc` file or the
-    cache lacks that version's listing."""
-    tracked = dvc_file(data_dir)
-    if tracked.exists():
-        from dvc.repo import Repo
-        from dvc_data.hashfile.hash_info import HashInfo
-        from dvc_data.hashfile.tree import Tree
-
-        md5 = yaml.safe_load(tracked.read_text())["outs"][0]["md5"]
-        with contextlib.suppress(FileNotFoundError), Repo(str(tracked.parent)) as repo:
-            tree = Tree.load(repo.cache.local, HashInfo("md5", md5))
-            return {"/".join(key) for key, _, _ in tree}
+    """Paths (relative to `data_dir`) in the dataset version `<data>.dvc` records, as DVC
+    lists it; the files in `data_dir` when it has no `.dvc` file or the local cache lacks
+    that version's listing."""
+    recorded = recorded_files(data_dir)
+    if recorded is not None:
+        return recorded
     if not data_dir.is_dir():
         return set()
     return {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}

@@ -21,9 +21,11 @@ from mlflow.models import infer_signature
 from visionops.core.config import Params
 from visionops.io.registry import CHAMPION, Registry, RegistryError
 
-# Imports first, then waits for one line: model URI, input .npy, output .npy. Started
-# ahead (see FreshProcess), its seconds of imports overlap the flow's own work.
+# Imports first, then waits for one request: a JSON line naming the model URI and the
+# input and output .npy files. Started ahead (see FreshProcess), its seconds of imports
+# overlap the flow's own work.
 SERVE_IN_FRESH_PROCESS = r"""
+import json
 import os
 import sys
 os.nice(19)  # its imports take the CPU that training and the flow leave idle
@@ -33,17 +35,18 @@ import tensorflow
 mlflow.set_tracking_uri(sys.argv[1])
 mlflow.search_experiments(max_results=1)  # connects the stores: imports, SQLite schema check
 mlflow.search_registered_models(max_results=1)
-request = sys.stdin.readline().split()
+line = sys.stdin.readline()
+if not line:
+    sys.exit(0)  # its caller is done without asking
+request = json.loads(line)
 try:
     os.setpriority(os.PRIO_PROCESS, 0, 0)  # asked: back to normal where allowed (root)
 except PermissionError:
     pass
-if len(request) == 3:
-    model_uri, inputs, outputs = request
-    # No requirements check: this process runs in the environment that logged the model.
-    model = mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
-    np.save(outputs, np.asarray(model.predict(np.load(inputs))))
-    os._exit(0)  # answered: skip the seconds of TensorFlow's teardown the caller waits for
+# No requirements check: this process runs in the environment that logged the model.
+model = mlflow.pyfunc.load_model(request["model_uri"], suppress_warnings=True)
+np.save(request["outputs"], np.asarray(model.predict(np.load(request["inputs"]))))
+os._exit(0)  # answered: skip the seconds of TensorFlow's teardown the caller waits for
 """
 
 
@@ -87,8 +90,8 @@ class FreshProcess:
         with tempfile.TemporaryDirectory() as scratch:
             inputs, outputs = Path(scratch) / "in.npy", Path(scratch) / "out.npy"
             np.save(inputs, sample)
-            _, stderr = self.process.communicate(f"{model_uri} {inputs} {outputs}\n",
-                                                 timeout=timeout)
+            request = {"model_uri": model_uri, "inputs": str(inputs), "outputs": str(outputs)}
+            _, stderr = self.process.communicate(json.dumps(request) + "\n", timeout=timeout)
             if self.process.returncode != 0 or not outputs.exists():
                 last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
                 return f"{model_uri} failed to load or predict in a fresh process: {last}"

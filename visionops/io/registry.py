@@ -16,7 +16,6 @@ import getpass
 import hashlib
 import socket
 import time
-import warnings
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -106,7 +105,6 @@ class Registry:
             rows.append({
                 "version": str(version.version),
                 "aliases": sorted(a for a, v in aliases.items() if str(v) == str(version.version)),
-                "stage": version.current_stage,
                 "metrics": {key.removeprefix("test_"): float(value)
                             for key, value in version.tags.items() if key.startswith("test_")},
                 "data_version": version.tags.get("data_version", ""),
@@ -125,8 +123,8 @@ class Registry:
     def promote(self, version: str | int, reason: str, actor: str | None = None,
                 event: str = "promote", expected_champion: str | None | object = ANY
                 ) -> dict:
-        """Make `version` the champion (alias and stage Production, the previous one
-        archived) and record the move; returns the recorded event.
+        """Make `version` the champion (the `champion` alias) and record the move, with
+        the version it replaced, in the history; returns the recorded event.
 
         Compare-and-set: with `expected_champion` (a version, or None for "no champion"),
         the move happens only if the champion is still that one when the lock is held,
@@ -148,7 +146,7 @@ class Registry:
                     f"{_named(previous_version)}")
             journal = self._begin(event, previous_version, version, reason,
                                   actor or default_actor())
-            self._move_champion(version)
+            self.client.set_registered_model_alias(self.name, CHAMPION, version)
             self.client.set_terminated(journal["run_id"])
             return journal
 
@@ -170,9 +168,8 @@ class Registry:
         """Finish what a killed promotion left half done; returns what was repaired.
 
         A promotion first opens its history record (an unfinished run), then moves the
-        alias, then the stage, then finishes the record. The alias decides: a record whose
-        version holds it is finished; one whose version does not is marked failed; the
-        Production stage is moved to the alias's version."""
+        alias, then finishes the record. The alias decides: a record whose version holds
+        it is finished; one whose version does not is marked failed."""
         repaired = []
         champion = self.champion()
         champion_version = champion and str(champion.version)
@@ -184,27 +181,9 @@ class Registry:
             else:
                 self.client.set_terminated(run.info.run_id, status="FAILED")
                 repaired.append(f"dropped the move to v{to_version}, which never happened")
-        if champion is not None and self._stage_disagrees(champion_version):
-            self._set_production(champion_version)
-            repaired.append(f"stage Production moved to champion v{champion_version}")
         return repaired
 
     # -- internals -------------------------------------------------------------------------
-    def _move_champion(self, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, CHAMPION, version)
-        self._set_production(version)
-
-    def _set_production(self, version: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated
-            self.client.transition_model_version_stage(self.name, version, "Production",
-                                                       archive_existing_versions=True)
-
-    def _stage_disagrees(self, champion_version: str) -> bool:
-        in_production = {str(v.version) for v in self.versions()
-                         if v.current_stage == "Production"}
-        return in_production != {champion_version}
-
     @property
     def _history_experiment_name(self) -> str:
         return f"{self.params.mlflow.experiment_name}-promotions"

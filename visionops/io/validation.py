@@ -176,13 +176,21 @@ def _class_suite(rules: ValidationParams):
 
 
 def _context(docs_dir: Path | None):
-    """An in-memory great-expectations context; with `docs_dir`, its Data Docs site."""
+    """An in-memory great-expectations context without progress bars; with `docs_dir`,
+    its Data Docs site."""
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+    )
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # What `gx.get_context(mode="ephemeral")` builds, plus great_expectations.yml's
+    # `progress_bars` section (GE keeps it as this mapping when it reads the YAML).
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=True),
+        progress_bars={"globally": False})
+    context = gx.get_context(mode="ephemeral", project_config=config)
     if docs_dir is not None:
         context.add_data_docs_site(site_name=DOCS_SITE, site_config={
             "class_name": "SiteBuilder",
