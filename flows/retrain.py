@@ -128,15 +128,8 @@ def _record_decision(decision: GateDecision, registry: Registry, version: str,
                      gated_against: str | None, params, out_dir: Path) -> None:
     """Every check with its figures in the run; the decision on the run and the version,
     with what it was decided under (the gate's params, the champion compared with)."""
-    mlflow.set_tags({"decision": decision.decision, "reason": decision.reason,
-                     **{f"gate.{c.name}": "passed" if c.passed else "failed"
-                        for c in decision.checks}})
-    if decision.mcnemar:
-        mlflow.log_metrics({f"mcnemar_{k}": v for k, v in decision.mcnemar.items()})
-    if decision.power:
-        mlflow.log_metrics({"gate_champion_errors": decision.power["champion_errors"],
-                            "gate_min_wins": decision.power["min_wins"]})
-        mlflow.set_tag("gate.can_win", str(decision.power["can_win"]).lower())
+    mlflow.set_tags(decision.run_tags())
+    mlflow.log_metrics(decision.run_metrics())
     # on the version first, `decision` last: it marks the record complete (_gate_again);
     # a decision gated again drops the old one first, so no old decision meets new figures
     if "decision" in registry.version(version).tags:

@@ -174,3 +174,16 @@ def test_a_split_too_small_to_ever_promote_is_named_even_when_the_gain_is_too_sm
                       paired_correct=(champion, champion))
     assert decision.decision == REJECTED
     assert "champion errs on 2 of 256 test images" in decision.reason
+
+
+def test_a_decision_names_every_check_and_its_figures_for_the_run():
+    decision = decide({"accuracy": 0.9, "f1_macro": 0.9}, {"accuracy": 0.8, "f1_macro": 0.8},
+                      GateParams(significance=0.05), "1", {"0": 0.9, "1": 0.9},
+                      (np.array([True] * 40 + [False] * 10), np.array([False] * 40 + [True] * 10)))
+    tags, metrics = decision.run_tags(), decision.run_metrics()
+    assert tags["decision"] == decision.decision and tags["reason"] == decision.reason
+    assert {name for name in tags if name.startswith("gate.")} >= {
+        f"gate.{check.name}" for check in decision.checks}
+    assert tags["gate.can_win"] in ("true", "false")
+    assert metrics["mcnemar_b"] == 40 and metrics["mcnemar_c"] == 10
+    assert metrics["gate_min_wins"] >= 1

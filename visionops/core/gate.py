@@ -35,6 +35,22 @@ class GateDecision:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def run_tags(self) -> dict[str, str]:
+        """What a reviewer filters runs by: the decision, its reason, each check."""
+        tags = {"decision": self.decision, "reason": self.reason,
+                **{f"gate.{c.name}": "passed" if c.passed else "failed" for c in self.checks}}
+        if self.power:
+            tags["gate.can_win"] = str(self.power["can_win"]).lower()
+        return tags
+
+    def run_metrics(self) -> dict[str, float]:
+        """The figures behind the decision: McNemar's counts and p-value, the gate's power."""
+        metrics = {f"mcnemar_{k}": v for k, v in (self.mcnemar or {}).items()}
+        if self.power:
+            metrics |= {"gate_champion_errors": self.power["champion_errors"],
+                        "gate_min_wins": self.power["min_wins"]}
+        return metrics
+
 
 def mcnemar_exact(challenger_correct: np.ndarray, champion_correct: np.ndarray,
                   alternative: str = "two-sided") -> tuple[int, int, float]:
