@@ -282,8 +282,9 @@ def _train(prepared, params, lineage: dict, out: Path):
 class Retrain:
     """One retrain, in the stages a reviewer thinks in; each is a Prefect subflow, so the
     UI shows data -> validation -> training -> evaluation -> promotion under the run.
-    The stages hand arrays and models to each other on this object: Prefect never sends
-    a flow method's instance to its API, so nothing large is copied or serialised."""
+    The stages hand arrays and models to each other on this object, not as flow
+    parameters, which Prefect would copy and send to its API; their parameters are the
+    few small values worth seeing in the UI."""
 
     def __init__(self, params, data: Path, by_hand: bool, out: Path, run_id: str,
                  experiment_id: str, commit: str):
@@ -291,9 +292,19 @@ class Retrain:
         self.run_id, self.experiment_id, self.commit = run_id, experiment_id, commit
         self.registry = Registry(params)
         self.actor = f"prefect flow run {flow_run.get_name()} ({flow_run.get_id()})"
+        # Flows over this instance's bound methods: nothing of this run is kept on a flow
+        # object shared with other instances once it ends.
+        self.take_in_data = flow(name="retrain-data", log_prints=True)(self._take_in_data)
+        self.validate_and_version = flow(name="retrain-validation", log_prints=True)(
+            self._validate_and_version)
+        self.train_or_reload = flow(name="retrain-training", log_prints=True)(
+            self._train_or_reload)
+        self.evaluate_and_gate = flow(name="retrain-evaluation", log_prints=True)(
+            self._evaluate_and_gate)
+        self.register_and_promote = flow(name="retrain-promotion", log_prints=True)(
+            self._register_and_promote)
 
-    @flow(name="retrain-data", log_prints=True)
-    def take_in_data(self) -> str | None:
+    def _take_in_data(self) -> str | None:
         """The recorded dataset checked out, and the landing area ingested into it;
         the text of data.dvc as logged to the run."""
         logger, params, data = get_run_logger(), self.params, self.data
@@ -310,8 +321,7 @@ class Retrain:
                 mlflow.set_tag("ingest_pending", str(len(ingested.pending)))
         return _log_dvc_file(data)
 
-    @flow(name="retrain-validation", log_prints=True)
-    def validate_and_version(self, logged_dvc_file: str | None) -> None:
+    def _validate_and_version(self, logged_dvc_file: str | None) -> None:
         """Validation and drift (either can stop the run), the dataset version, the split."""
         params, data, out = self.params, self.data, self.out
         precomputed = (dask_facts(data, params.validation.max_side, params.compute)
@@ -344,8 +354,7 @@ class Retrain:
                            for name in ("train", "val", "test")}
                           | {"n_classes": len(self.prepared.class_names)})
 
-    @flow(name="retrain-training", log_prints=True)
-    def train_or_reload(self, regate_version: str | None) -> None:
+    def _train_or_reload(self, regate_version: str | None) -> None:
         """The challenger: trained, or, for a version to gate again, loaded from the
         registry (trained after all when it no longer loads)."""
         self.model = self.trained = None
@@ -356,8 +365,7 @@ class Retrain:
             self.trained = _train(self.prepared, self.params, self.lineage, self.out)
             self.model = self.trained.model
 
-    @flow(name="retrain-evaluation", log_prints=True)
-    def evaluate_and_gate(self, champion_version: str | None) -> str:
+    def _evaluate_and_gate(self, champion_version: str | None) -> str:
         """Challenger and champion on the same test split, and the gate's decision."""
         prepared, out = self.prepared, self.out
         self.challenger = evaluate_task(self.model, self.data, prepared.test.paths,
@@ -379,8 +387,7 @@ class Retrain:
                                self.champion.predictions == prepared.test.y))
         return self.decision.decision
 
-    @flow(name="retrain-promotion", log_prints=True)
-    def register_and_promote(self, champion_version: str | None) -> str | None:
+    def _register_and_promote(self, champion_version: str | None) -> str | None:
         """Register the challenger; if the gate passed and it serves from the registry,
         export it and promote it (compare-and-set on the champion). The version, or None
         when a run started together with this one registered the same lineage first."""

@@ -48,7 +48,7 @@ def test_kubernetes_deployment_matches_the_process_pool_one():
 
 # -- the team stack in containers (infra/compose.yaml) and on Kubernetes ---------------
 # These files are not run here (no Docker engine, no cluster): they are checked against
-# what `visionops stack up` (visionops/stack.py) runs for real, read from its code.
+# what `visionops stack up` (visionops/ops/stack.py) runs for real, read from its code.
 
 INFRA = REPO / "infra"
 # the compose service for each part of the local stack, and the port key it publishes

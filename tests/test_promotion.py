@@ -76,6 +76,14 @@ def test_list_shows_versions_aliases_and_metrics(promoted):
         strong["metrics"]["accuracy"], abs=1e-4)
     assert rows[str(strong["model_version"])]["promoted"]
 
+    table = visionops(root, "models", "list")
+    assert table.returncode == 0, table.stderr
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:3] == ["version", "aliases", "accuracy"]
+    strong_line = next(line for line in lines
+                       if line.split()[0] == str(strong["model_version"]))
+    assert strong_line.split()[1] in ("champion,challenger", "challenger,champion")
+
 
 def test_compare_scores_both_on_the_current_test_split(promoted):
     root, weak, strong = promoted

@@ -1,4 +1,4 @@
--- The stack's databases, as `visionops stack up` creates them (visionops/stack.py,
+-- The stack's databases, as `visionops stack up` creates them (visionops/ops/stack.py,
 -- DATABASES): MLflow's tracking store, MLflow's basic-auth users, Prefect's server.
 -- The postgres image runs this once, when its data volume is first initialised.
 CREATE DATABASE visionops_mlflow;

@@ -165,3 +165,33 @@ def test_a_section_that_is_not_a_mapping_is_refused_even_when_overridden(tmp_pat
 def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_params(write_params(tmp_path, "- train\n"))
+
+
+def test_an_environment_variable_below_a_key_is_refused_by_name(tmp_path, monkeypatch):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    monkeypatch.setenv("VISIONOPS_TRAIN__EPOCHS__X", "2")
+    with pytest.raises(ConfigError, match="VISIONOPS_TRAIN__EPOCHS"):
+        load_params(path)
+
+
+def test_a_whole_section_in_one_variable_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    monkeypatch.setenv("VISIONOPS_TRAIN", "epochs: 2")
+    with pytest.raises(ConfigError, match="VISIONOPS_TRAIN__<KEY>"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("cron", ["0 2 * * *", "@daily", "*/15 * * * 1-5"])
+def test_cron_takes_five_fields_or_a_macro(tmp_path, cron):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"schedule:\n  cron: '{cron}'\n")
+    assert load_params(path).schedule.cron == cron
+
+
+def test_a_cron_of_the_wrong_form_is_a_config_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("schedule:\n  cron: '0 2 * *'\n")
+    with pytest.raises(ConfigError, match="five fields"):
+        load_params(path)

@@ -125,6 +125,10 @@ class RegistryParams(_Section):
     model_name: str = Field("visionops-digits", min_length=1)
 
 
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
+               "@hourly")
+
+
 class ScheduleParams(_Section):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -132,8 +136,9 @@ class ScheduleParams(_Section):
     @model_validator(mode="after")
     def _valid(self) -> ScheduleParams:
         # The form only; Prefect checks each field's values when it builds the schedule.
-        if not re.fullmatch(r"\s*(\S+\s+){4}\S+\s*", self.cron):
-            raise ValueError(f"cron {self.cron!r}: five fields expected, e.g. '0 2 * * *'")
+        if not (re.fullmatch(r"\s*(\S+\s+){4}\S+\s*", self.cron) or self.cron in CRON_MACROS):
+            raise ValueError(f"cron {self.cron!r}: five fields expected, e.g. '0 2 * * *', "
+                             f"or one of {', '.join(CRON_MACROS)}")
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
@@ -241,6 +246,10 @@ class _ParamsFile(YamlConfigSettingsSource):
         return sections
 
 
+_SECTIONS = {name for name, field in Params.model_fields.items()
+             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
 class _ParamsEnvironment(EnvSettingsSource):
     """`VISIONOPS_<SECTION>__<KEY>` variables, each value read as YAML as in params.yaml
     (`3`, `true`, `null`, `[PNG, JPEG]`). A variable whose section is no param section
@@ -252,9 +261,15 @@ class _ParamsEnvironment(EnvSettingsSource):
         prepared = super().prepare_field_value(field_name, field, value, value_is_complex)
         if isinstance(prepared, dict):
             return {key: self._read(f"{field_name}__{key}", raw) for key, raw in prepared.items()}
+        if isinstance(prepared, str) and field_name in _SECTIONS:
+            raise ConfigError(f"{self.env_prefix}{field_name.upper()}: set one key at a time, "
+                              f"as {self.env_prefix}{field_name.upper()}__<KEY>")
         return self._read(field_name, prepared) if isinstance(prepared, str) else prepared
 
-    def _read(self, name: str, value: str) -> object:
+    def _read(self, name: str, value: str | dict) -> object:
+        if not isinstance(value, str):  # VISIONOPS_TRAIN__EPOCHS__X: below a key
+            raise ConfigError(f"{self.env_prefix}{name.upper()}__...: "
+                              f"{name.replace('__', '.')} has no keys below it")
         try:
             return yaml.safe_load(value)
         except yaml.YAMLError as exc:

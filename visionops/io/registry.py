@@ -4,7 +4,7 @@ the history of alias moves that MLflow itself does not keep.
 Every promotion and rollback is recorded as a run in the experiment
 `<experiment_name>-promotions` (event, from and to version, reason, actor, and the
 new champion's test metrics), so the history lives in the same tracking server as
-the models. A promotion takes a lock (visionops.locks: across machines with a Prefect
+the models. A promotion takes a lock (visionops.io.locks: across machines with a Prefect
 server), re-reads the champion and moves it only if it is the one the gate compared
 with; a promotion killed half way is finished or undone by the next one (`repair`).
 """
