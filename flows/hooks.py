@@ -30,6 +30,7 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -163,14 +164,18 @@ def crash_runs_whose_heartbeats_stop(heartbeat_s: int = 180, missed: int = 3) ->
 
 
 def failed_steps(flow_run_id) -> list[str]:
-    """The tasks of the run that failed, crashed, or were still running when it ended."""
+    """The tasks of the run and of its stages (subflows) that failed, crashed, or were
+    still running when it ended."""
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        stages = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_run_id, *(stage.id for stage in stages)])))
+    stand_ins = {stage.parent_task_run_id for stage in stages}  # a stage in its parent
     # a task run is named "<task name>-<3 random characters>"
     return [run.name.rsplit("-", 1)[0]
             for run in sorted(task_runs, key=lambda r: r.expected_start_time)
-            if run.state is not None
+            if run.id not in stand_ins and run.state is not None
             and (run.state.is_failed() or run.state.is_crashed() or run.state.is_running())]
 
 
@@ -228,6 +233,9 @@ def _add_tag(flow_run_id, tag: str) -> None:
 
 
 def this_process() -> RecordedProcess:
+    # The boot is the kernel's boot id, not psutil.boot_time(): that one is derived from
+    # the wall clock and moves when the clock is set, which would read as a restart and
+    # judge a running process gone. psutil knows neither it nor the PID namespace.
     process = psutil.Process()
     return RecordedProcess(host=socket.gethostname(), machine=_read_id("/etc/machine-id"),
                            boot=_read_id("/proc/sys/kernel/random/boot_id"),

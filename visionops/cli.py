@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,8 +35,6 @@ def _load(params_file: Path):
 
 
 def _summary_text(summary: dict, params_file: Path) -> str:
-    import os
-
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     params = load_params(params_file)
     store = summary["tracking_uri"]
@@ -42,7 +43,9 @@ def _summary_text(summary: dict, params_file: Path) -> str:
             "http://127.0.0.1:5000"
     else:
         start_ui, ui = None, store.rstrip("/")
-    prefect_api = os.environ.get("PREFECT_API_URL")
+    from visionops.io.locks import prefect_server_url
+
+    prefect_api = prefect_server_url()  # not this command's temporary server, gone by now
     return "\n".join(line for line in [
         "",
         "visionops retrain: done",
@@ -75,19 +78,19 @@ def retrain(
     _load(params_file)  # fail on a bad config before any server starts
     from visionops.ops.warmstart import flow_settings, import_while_waiting, start_prefect_server
 
-    starting = start_prefect_server()
+    server = start_prefect_server()
     from flows.retrain import retrain as retrain_flow
     from visionops.core.drift import DataDriftError
     from visionops.io.validation import DataValidationError
 
     # Only while the server starts: a retrain that trains needs them, one that finds
     # nothing changed does not.
-    import_while_waiting(starting, ["great_expectations", "keras"])
-    if starting is not None:
-        starting.join()
+    import_while_waiting(server, ["great_expectations", "keras"])
+    if server is not None:
+        server.wait()
 
     try:
-        with flow_settings(starting):
+        with flow_settings(server):
             summary = retrain_flow(params_path=str(params_file),
                                    data_dir=str(data) if data else None)
     except DataValidationError as exc:
@@ -234,17 +237,17 @@ def _registry(params_file: Path):
 
 @models_app.command("list")
 def models_list(params_file: ParamsFile = Path(DEFAULT_PARAMS), as_json: AsJson = False) -> None:
-    """Every version with its aliases, stage, test metrics, data version and times."""
+    """Every version with its aliases, test metrics, data version and times."""
     rows = _registry(params_file).listing()
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    typer.echo(f"{'version':>7}  {'aliases':<20} {'stage':<10} {'accuracy':>8} {'f1_macro':>8}  "
+    typer.echo(f"{'version':>7}  {'aliases':<20} {'accuracy':>8} {'f1_macro':>8}  "
                f"{'decision':<15} {'created':<19}  {'promoted':<19}  data version")
     for row in rows:
         metrics = row["metrics"]
         typer.echo(f"{row['version']:>7}  {','.join(row['aliases']) or '-':<20} "
-                   f"{row['stage']:<10} {metrics.get('accuracy', float('nan')):>8.4f} "
+                   f"{metrics.get('accuracy', float('nan')):>8.4f} "
                    f"{metrics.get('f1_macro', float('nan')):>8.4f}  {row['decision']:<15} "
                    f"{row['created']:<19}  {row['promoted'] or '-':<19}  {row['data_version']}")
 
@@ -255,7 +258,7 @@ def models_promote(
     reason: Annotated[str, typer.Option(help="Why; recorded in the history.")],
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
-    """Make VERSION the champion (stage Production, the previous one archived)."""
+    """Make VERSION the champion (the `champion` alias); the move is recorded in the history."""
     from visionops.io.registry import RegistryError
 
     try:
@@ -449,11 +452,30 @@ def stack_down(
 
 def main() -> None:
     """The `visionops` command: the app, then an exit without the interpreter's teardown
-    (see visionops.end_without_teardown)."""
-    from visionops import end_without_teardown
-
+    (see `EndWithoutTeardown`)."""
+    ending = EndWithoutTeardown()
     try:
         app()
     except SystemExit as exc:
-        end_without_teardown(exc.code)
+        ending.code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
         raise
+
+
+class EndWithoutTeardown:
+    """Ends the process with `code`, once set, after the normal exit has run: threads
+    joined, Prefect's logs and events sent, every atexit handler registered after this one
+    (the temporary Prefect server's stop among them), logging's handlers flushed. What it
+    skips is the interpreter's teardown of every loaded module: seconds once TensorFlow
+    is loaded. Left unset (an exception other than SystemExit), the exit is the usual one."""
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        atexit.register(self._end_now)  # handlers run last registered first: this one last
+
+    def _end_now(self) -> None:
+        if self.code is None:
+            return
+        logging.shutdown()  # logging's own atexit handler, registered before this one
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.code)

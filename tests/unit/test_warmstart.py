@@ -1,4 +1,5 @@
-"""Prefect's temporary server started ahead of the flow, and imports while it starts."""
+"""The `visionops` command's temporary Prefect server, started ahead of the flow, imports
+while it starts, and the command's exit without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from visionops.ops.warmstart import flow_settings, import_while_waiting, start_prefect_server
+
+
+class Starting:
+    """Stands in for a TemporaryServer: starting until `done` is set."""
+
+    def __init__(self):
+        self.done = threading.Event()
+
+    def starting(self) -> bool:
+        return not self.done.is_set()
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +50,11 @@ def gone(pid: int, within: float) -> bool:
 
 
 def test_imports_only_while_the_server_is_still_starting():
-    starting = threading.Event()
-    waiting = threading.Thread(target=starting.wait, daemon=True)
-    waiting.start()
+    server = Starting()
 
-    assert import_while_waiting(waiting, ["colorsys", "sched"]) == ["colorsys", "sched"]
-    starting.set()
-    waiting.join()
-    assert import_while_waiting(waiting, ["wave"]) == []
+    assert import_while_waiting(server, ["colorsys", "sched"]) == ["colorsys", "sched"]
+    server.done.set()
+    assert import_while_waiting(server, ["wave"]) == []
     assert import_while_waiting(None, ["wave"]) == []
 
 
@@ -59,7 +66,7 @@ def test_nothing_is_started_when_prefect_api_url_names_a_server():
 def test_no_heartbeats_only_for_a_run_on_the_temporary_server():
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None
-    with flow_settings(threading.Thread(target=lambda: None)):
+    with flow_settings(Starting()):
         assert get_current_settings().flows.heartbeat_frequency is None
     with flow_settings(None):
         assert get_current_settings().flows.heartbeat_frequency == default
@@ -67,15 +74,14 @@ def test_no_heartbeats_only_for_a_run_on_the_temporary_server():
 
 
 FLOW_ON_THE_STARTED_SERVER = """
-import time
+import os, threading
+from visionops.ops.warmstart import ServerGuard, start_prefect_server  # first, as the command
+import psutil
 from prefect import flow, get_client
-from prefect.server.api.server import SubprocessASGIServer
-from visionops.ops.warmstart import ServerGuard, start_prefect_server
+from prefect.settings import get_current_settings
 
-starting = start_prefect_server()
-(server,) = SubprocessASGIServer._instances.values()
-starting.join()
-started_by_us = server.server_process.pid
+server = start_prefect_server()
+server.wait()
 (guard,) = ServerGuard._running
 
 @flow
@@ -83,8 +89,14 @@ def where() -> str:
     with get_client(sync_client=True) as client:
         return str(client.api_url)
 
-print(where(), server.api_url, server.server_process.pid == started_by_us,
-      len(SubprocessASGIServer._instances), started_by_us, guard.process.pid)
+seen = []  # a thread started without this one's context sees the settings too
+elsewhere = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
+elsewhere.start()
+elsewhere.join()
+children = sorted(child.pid for child in psutil.Process().children(recursive=True))
+print(where(), server.api_url, os.environ["PREFECT_API_URL"], seen[0],
+      children == sorted([server.process.pid, guard.process.pid]),
+      server.process.pid, guard.process.pid)
 """
 
 
@@ -93,16 +105,38 @@ def test_the_flow_runs_on_the_server_started_ahead(server_env: dict):
                           capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    used, started, same_process, servers, server, guard = done.stdout.split()[-6:]
-    assert used.rstrip("/") == started and same_process == "True" and servers == "1"
+    assert "Starting temporary server on http://127.0.0.1:" in done.stderr
+    used, started, in_environment, in_a_thread, only_ours, server, guard = \
+        done.stdout.split()[-7:]
+    assert used.rstrip("/") == started == in_environment == in_a_thread
+    assert only_ours == "True", "no other server (Prefect's own temporary one) was started"
     assert gone(int(server), within=5) and gone(int(guard), within=5), "nothing left behind"
+
+
+NO_SHARED_SERVER = """
+from visionops.io.locks import prefect_server_url
+from visionops.ops.warmstart import start_prefect_server
+
+server = start_prefect_server()
+server.wait()
+print(prefect_server_url())
+"""
+
+
+def test_the_temporary_server_is_no_shared_server(server_env: dict):
+    # A lock on it would hold nothing for others, and outlive a run killed outright.
+    done = subprocess.run([sys.executable, "-c", NO_SHARED_SERVER], env=server_env,
+                          capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "None"
 
 
 SERVER_THEN_WAIT = """
 import time
 from visionops.ops.warmstart import start_prefect_server
 
-start_prefect_server().join()
+start_prefect_server().wait()
 print("answering", flush=True)
 time.sleep(300)
 """
@@ -115,7 +149,7 @@ def test_the_temporary_server_dies_with_a_process_killed_outright(server_env: di
         assert parent.stdout.readline().strip() == "answering"
         children = psutil.Process(parent.pid).children()
         (server,) = [child for child in children
-                     if "prefect.server.api.server:create_app" in child.cmdline()]
+                     if child.cmdline()[1:5] == ["-m", "prefect", "server", "start"]]
         (guard,) = [child for child in children if child.pid != server.pid]
         parent.kill()
         parent.wait()
@@ -126,47 +160,60 @@ def test_the_temporary_server_dies_with_a_process_killed_outright(server_env: di
         parent.wait()
 
 
-def test_prefect_still_has_what_the_guard_relies_on():
-    # Prefect's own: the flow finds this per-process instance; its Popen is watched.
-    server = SubprocessASGIServer(port=1)
-    try:
-        assert SubprocessASGIServer._instances[1] is server
-        assert server.server_process is None and callable(server.start)
-    finally:
-        server.stop()
-    assert 1 not in SubprocessASGIServer._instances
+ENDING = """
+import atexit, logging, sys
+import visionops.cli
 
-
-TEARDOWN_SKIPPED = """
-import atexit, sys
-import visionops
+folder, how, code = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if how == "command":  # what main() does
+    visionops.cli.EndWithoutTeardown().code = code
 
 class Teardown:
-    def __del__(self, path=sys.argv[1] + "/teardown", open=open):
+    def __del__(self, path=folder + "/teardown", open=open):
         open(path, "w").close()
 
+class Closed(logging.Handler):
+    def emit(self, record):
+        pass
+
+    def close(self):
+        open(folder + "/log-closed", "w").close()
+        super().close()
+
+logging.getLogger("visionops.test").addHandler(Closed())
 kept = Teardown()
-atexit.register(lambda: open(sys.argv[1] + "/atexit", "w").close())
-visionops.end_without_teardown(int(sys.argv[2]))
-raise SystemExit(int(sys.argv[2]))
+atexit.register(lambda: open(folder + "/atexit", "w").close())
+sys.stdout.write("buffered")
+raise SystemExit(code)
 """
 
 
+def end(folder: Path, how: str, code: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ENDING, str(folder), how, str(code)],
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_the_command_ends_after_atexit_without_the_teardown(tmp_path: Path):
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", TEARDOWN_SKIPPED, str(tmp_path), "3"],
-                          capture_output=True, text=True, timeout=60)
+    done = end(tmp_path, "command", 3)
 
     assert done.returncode == 3, done.stderr
     assert (tmp_path / "atexit").exists(), "atexit handlers still run"
+    assert (tmp_path / "log-closed").exists() and done.stdout == "buffered", "all flushed"
     assert not (tmp_path / "teardown").exists(), "module teardown is skipped"
-    assert time.monotonic() - started < 30
 
 
-def test_without_the_command_the_interpreter_tears_down_as_usual(tmp_path: Path):
-    script = TEARDOWN_SKIPPED.replace("visionops.end_without_teardown(int(sys.argv[2]))", "")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), "0"],
-                          capture_output=True, text=True, timeout=60)
+def test_an_importer_of_visionops_ends_as_usual(tmp_path: Path):
+    done = end(tmp_path, "library", 0)
 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "atexit").exists() and (tmp_path / "teardown").exists()
+    assert (tmp_path / "log-closed").exists() and done.stdout == "buffered"
+
+
+def test_the_command_keeps_its_exit_code_and_message(tmp_path: Path):
+    command = Path(sys.executable).with_name("visionops")
+    done = subprocess.run([str(command), "stage", "nonsense"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2
+    assert "unknown stage 'nonsense'" in done.stderr

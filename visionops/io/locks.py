@@ -39,7 +39,10 @@ def prefect_server_url() -> str | None:
     server, which is private to one process and cannot serve as a lock)."""
     from prefect.settings import PREFECT_API_URL
 
-    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+    # PREFECT_API_URL may name the `visionops` command's own temporary server
+    # (visionops.ops.warmstart): a server shared with no one
+    return None if url == os.environ.get("VISIONOPS_TEMPORARY_PREFECT_API_URL") else url
 
 
 def limit_name(name: str) -> str:

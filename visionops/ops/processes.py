@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 # SIGINT first: a Prefect worker ignores SIGTERM while its server is down. SIGKILL last:
 # SeaweedFS can hang in its graceful shutdown.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
@@ -26,11 +28,6 @@ def start(command: Sequence[str], log: Path, env: dict[str, str] | None = None,
     return process.pid
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name: state, ppid, pgid, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def alive(pid: int) -> bool:
     """True while the process runs (a zombie child of ours is reaped and counts as gone)."""
     try:
@@ -39,24 +36,21 @@ def alive(pid: int) -> bool:
     except ChildProcessError:
         pass
     try:
-        state = _stat(pid)[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 def group_members(pgid: int) -> list[int]:
     """The live processes in a process group (the server and the workers it forked)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter(["status"]):
         try:
-            fields = _stat(entry.name)
-        except (FileNotFoundError, ProcessLookupError, IndexError):
+            if (os.getpgid(process.pid) == pgid
+                    and process.info["status"] != psutil.STATUS_ZOMBIE):
+                members.append(process.pid)
+        except ProcessLookupError:  # it ended meanwhile
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
     return members
 
 
