@@ -14,7 +14,6 @@ BATCH = 1024  # images decoded and predicted at a time, so memory stays flat
 INPUT_VALUES_PER_STEP = 2**20  # model.predict's batch: ~4 MB of input, at least 32 images
 
 
-
 def image_paths(targets: Iterable[Path]) -> list[Path]:
     """Files as given; folders expanded to the images below them, sorted."""
     paths = []

@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import urllib.request
 from collections.abc import Sequence
 
 import psutil
+
+from visionops.ops.objectstore import free_port
 
 # PREFECT_API_URL names this process's temporary server when it equals this variable: no
 # server shared with others (visionops.io.locks.prefect_server_url tells the two apart).
@@ -68,6 +69,7 @@ class TemporaryServer:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self.process: subprocess.Popen | None = None
+        self.port = 0
         self.api_url = ""
         self.error: Exception | None = None
         self._stopped = False
@@ -93,15 +95,13 @@ class TemporaryServer:
     def _launch(self) -> None:
         from prefect.settings import get_current_settings
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
         env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
                **SERVER_SETTINGS}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
+             "--port", str(self.port)],
             env=env, stdin=subprocess.DEVNULL, stdout=self._output, start_new_session=True)
         if self._guard is not None:
             self._guard.watch(self.process.pid)
@@ -150,9 +150,8 @@ class TemporaryServer:
                     return False
         except OSError:
             return False
-        port = int(self.api_url.rsplit(":", 1)[1].removesuffix("/api"))
         try:
-            return any(connection.laddr.port == port
+            return any(connection.laddr.port == self.port
                        and connection.status == psutil.CONN_LISTEN
                        for connection in psutil.Process(self.process.pid).net_connections())
         except psutil.NoSuchProcess:
