@@ -38,6 +38,32 @@ class DataParams(_Section):
     path: Path = Path("data")
     image_size: int = Field(28, ge=8, le=1024)
     channels: Literal[1, 3] = 1
+    # decoded uint8 images kept on disk under .visionops/cache/, keyed on the data version
+    # and preprocessing, so later epochs and runs skip decoding; never in RAM
+    cache: bool = False
+    shuffle_buffer: int = Field(10_000, ge=1)  # training images shuffled at a time
+
+
+Severity = Literal["fail", "warn"]
+
+
+class SeverityParams(_Section):
+    """What each validation finding does: `fail` stops the run, `warn` reports it and
+    goes on (an offending file is then left out of training, or, for duplicates, all but
+    one copy), `fix` repairs it where that is safe."""
+
+    outside_dataset: Literal["fail"] = "fail"  # never followed: a link may lead anywhere
+    undecodable: Severity = "fail"
+    format: Severity = "fail"
+    mode: Severity = "fail"
+    size: Severity = "fail"
+    blank: Severity = "fail"
+    label_conflict: Severity = "fail"          # one content under two labels
+    duplicate_in_label: Literal["fail", "warn", "fix"] = "warn"  # fix: extra copies deleted
+    near_duplicate_across_labels: Severity = "warn"  # perceptual hash
+    min_images_per_class: Severity = "fail"
+    expected_classes: Severity = "fail"
+    class_balance: Severity = "fail"
 
 
 class ValidationParams(_Section):
@@ -51,6 +77,8 @@ class ValidationParams(_Section):
     expected_classes: list[str] | None = None  # None: any class folders
     max_class_imbalance: float | None = Field(None, ge=1)  # largest / smallest class
     data_docs_dir: Path = Path("reports/data_docs")
+    near_duplicate_distance: int = Field(4, ge=0, le=32)  # bits of 64 in the perceptual hash
+    severity: SeverityParams = SeverityParams()
 
     @model_validator(mode="after")
     def _sides_ordered(self) -> ValidationParams:
@@ -98,10 +126,42 @@ class AugmentParams(_Section):
     rotation: float = Field(0.0, ge=0, le=1)
     zoom: float = Field(0.0, ge=0, lt=1)
     translation: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.0, ge=0, le=1)
+
+
+ARCHITECTURES = ("seed_cnn", "seed_cnn_bn", "mobilenet_v3_small", "efficientnet_b0",
+                 "resnet50", "vgg16")
+Architecture = Literal["seed_cnn", "seed_cnn_bn", "mobilenet_v3_small", "efficientnet_b0",
+                       "resnet50", "vgg16"]
+
+
+class FineTuneParams(_Section):
+    """The second phase of transfer learning: the backbone's top layers trained at a low
+    learning rate, BatchNorm kept in inference mode. None: the backbone stays frozen."""
+
+    unfreeze_from: int | str | None = None  # layer name, or index (negative: from the top)
+    epochs: int = Field(5, ge=1, le=1000)
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+
+
+class ExportParams(_Section):
+    """Exports built for a promoted model, each checked against Keras on a sample."""
+
+    formats: list[Literal["saved_model", "tflite", "onnx"]] = ["saved_model", "tflite", "onnx"]
+    tolerance: float = Field(1e-4, gt=0)  # max absolute difference in probabilities
 
 
 class TrainParams(_Section):
-    architecture: Literal["seed_cnn", "seed_cnn_bn"] = "seed_cnn"
+    architecture: Architecture = "seed_cnn"
+    # starting weights of a keras.applications backbone: None (random), "imagenet"
+    # (downloaded by Keras, online only) or the path of a local weights file
+    pretrained: str | None = None
+    dropout: float = Field(0.2, ge=0, lt=1)  # before a backbone's softmax head
+    fine_tune: FineTuneParams = FineTuneParams()
+    # float32 | mixed_bfloat16 | mixed_float16 | auto (bfloat16 on CPUs with bf16
+    # instructions, float16 on GPUs, else float32); the output layer stays float32
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"] = "float32"
     batch_size: int = Field(128, ge=1, le=8192)
     epochs: int = Field(15, ge=1, le=1000)
     learning_rate: float = Field(1e-3, gt=0, le=1)
@@ -175,6 +235,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
+    export: ExportParams = ExportParams()
     mlflow: MlflowParams = MlflowParams()
     notify: NotifyParams = NotifyParams()
     compute: ComputeParams = ComputeParams()
@@ -211,11 +272,16 @@ class Params(_Section):
 
     def flat(self) -> dict[str, str]:
         """Every param as `section.key` -> string, for MLflow."""
-        flat = {}
-        for section, values in self.model_dump(mode="json").items():
+        def flatten(prefix: str, values: dict) -> dict[str, str]:
+            flat = {}
             for key, value in values.items():
-                flat[f"{section}.{key}"] = str(value)
-        return flat
+                if isinstance(value, dict):
+                    flat |= flatten(f"{prefix}{key}.", value)
+                else:
+                    flat[f"{prefix}{key}"] = str(value)
+            return flat
+
+        return flatten("", self.model_dump(mode="json"))
 
 
 def _describe(error: ValidationError) -> str:
@@ -250,6 +316,11 @@ _SECTIONS = {name for name, field in Params.model_fields.items()
              if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
 
 
+_SUBSECTIONS = {f"{name}__{key}" for name in _SECTIONS
+                for key, field in Params.model_fields[name].annotation.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)}
+
+
 class _ParamsEnvironment(EnvSettingsSource):
     """`VISIONOPS_<SECTION>__<KEY>` variables, each value read as YAML as in params.yaml
     (`3`, `true`, `null`, `[PNG, JPEG]`). A variable whose section is no param section
@@ -267,6 +338,8 @@ class _ParamsEnvironment(EnvSettingsSource):
         return self._read(field_name, prepared) if isinstance(prepared, str) else prepared
 
     def _read(self, name: str, value: str | dict) -> object:
+        if isinstance(value, dict) and name in _SUBSECTIONS:  # VISIONOPS_TRAIN__FINE_TUNE__EPOCHS
+            return {key: self._read(f"{name}__{key}", raw) for key, raw in value.items()}
         if not isinstance(value, str):  # VISIONOPS_TRAIN__EPOCHS__X: below a key
             raise ConfigError(f"{self.env_prefix}{name.upper()}__...: "
                               f"{name.replace('__', '.')} has no keys below it")
