@@ -818,7 +818,7 @@ def score_versions(versions: list[str], params_file: str, holdout: Path) -> None
     import numpy as np
 
     from visionops.core.config import load_params
-    from visionops.core.images import load_images
+    from visionops.core.pipeline import load_pixels, model_input, scale_for
     from visionops.io.models import load_registered_version
 
     params = load_params(params_file)
@@ -827,8 +827,8 @@ def score_versions(versions: list[str], params_file: str, holdout: Path) -> None
     scores = {}
     for version in versions:
         loaded = load_registered_version(params, version)
-        _, size, _, channels = loaded.model.input_shape
-        predicted = np.argmax(loaded.model.predict(load_images(paths, size, channels),
+        pixels = load_pixels(paths, *model_input(loaded.model))
+        predicted = np.argmax(loaded.model.predict(scale_for(pixels, loaded.input_contract),
                                                    verbose=0), axis=1)
         names = loaded.class_names or []
         correct = sum(names[i] == t for i, t in zip(predicted, truth, strict=True))

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
@@ -37,16 +38,25 @@ from tasks.version import pull_task, record_task, sync_task, version_task
 from visionops.core.config import DEFAULT_PARAMS, load_params
 from visionops.core.drift import DataDriftError, DriftReport, write_drift
 from visionops.core.gate import REJECTED, Check, GateDecision
+from visionops.core.images import FACT_DTYPES
 from visionops.core.metrics import (
     Evaluation,
     class_recalls,
     plot_confusion_matrix,
     plot_learning_curves,
 )
+from visionops.core.pipeline import (
+    INPUT_CONTRACT_TAG,
+    PIXELS,
+    cache_folder,
+    load_pixels,
+    model_input,
+    scale_for,
+)
 from visionops.core.training import claim_backup_dir
 from visionops.io.dataset import content_hash, dvc_file, needs_pull
 from visionops.io.locks import prefect_server_url
-from visionops.io.models import FreshProcess, load_registered_version
+from visionops.io.models import FreshProcess, LoadedVersion, load_registered_version
 from visionops.io.registry import CHAMPION_CHANGED, Registry
 from visionops.io.tracking import (
     code_version,
@@ -88,7 +98,7 @@ def _champion_facts(champion_mv, out_dir: Path) -> tuple[pd.DataFrame | None, st
         path = mlflow.artifacts.download_artifacts(
             run_id=champion_mv.run_id, artifact_path="validation/image_facts.csv",
             dst_path=str(out_dir / "champion"))
-        return pd.read_csv(path, dtype={"label": str}), ""
+        return pd.read_csv(path, dtype=FACT_DTYPES), ""
     except (MlflowException, OSError, ValueError) as exc:
         return None, (f"the image facts of champion v{champion_mv.version} could not be "
                       f"read ({type(exc).__name__}: {exc})")
@@ -244,11 +254,11 @@ def _log_dvc_file(data: Path, logged: str | None = None) -> str | None:
     return text
 
 
-def _load_to_regate(registry: Registry, version):
-    """The model of a version to gate again, or None (it is then rejected as not
-    loadable, and this run trains instead)."""
+def _load_to_regate(registry: Registry, version) -> LoadedVersion | None:
+    """A version to gate again, loaded, or None (it is then rejected as not loadable,
+    and this run trains instead)."""
     try:
-        return load_registered_version(registry.params, version.version).model
+        return load_registered_version(registry.params, version.version)
     except (MlflowException, OSError, ValueError) as exc:
         if is_transient_error(exc):
             raise  # the store is away for a moment: fail the run, keep the version as it is
@@ -264,17 +274,25 @@ def _load_to_regate(registry: Registry, version):
 def _train(prepared, params, lineage: dict, out: Path):
     # Same data, code and params as an interrupted run: resume from its last epoch.
     lineage_key = "-".join(lineage[key].removesuffix(".dir") for key in sorted(lineage))
+    cache = (cache_folder(params.root / ".visionops" / "cache", lineage["data_version"],
+                          params.data.image_size, params.data.channels)
+             if params.data.cache else None)
     with claim_backup_dir(params.root / ".visionops" / "checkpoints", lineage_key) as backup:
-        trained = train_task(prepared, params.train, params.augment, out / "train",
-                             callbacks=[epoch_metrics_logger()], backup_dir=backup)
+        trained = train_task(prepared, params.training, params.augment, out / "train",
+                             callbacks=[epoch_metrics_logger()], backup_dir=backup,
+                             cache=cache, shuffle_buffer=params.data.shuffle_buffer)
     if trained.backup_warning:
         mlflow.set_tag("training_backup_warning", trained.backup_warning)
     if trained.resumed_from_epoch:
         mlflow.set_tag("resumed_from_epoch", str(trained.resumed_from_epoch))
+    mlflow.set_tags({"precision": trained.precision, "image_cache": str(trained.cached)})
     mlflow.log_metrics({"epochs_run": trained.epochs_run, "fit_seconds": trained.fit_seconds,
+                        "fine_tuned_epochs": trained.fine_tuned_epochs,
                         "train_images_per_s": trained.train_images * trained.epochs_run
                         / max(trained.fit_seconds, 1e-9)})
     upload_task([*((path, "training") for path in plot_learning_curves(trained.history, out)),
+                 *([(trained.augmented_samples, "training")] if trained.augmented_samples
+                   else []),
                  (trained.tensorboard_dir, "tensorboard")])
     return trained
 
@@ -358,9 +376,13 @@ class Retrain:
         """The challenger: trained, or, for a version to gate again, loaded from the
         registry (trained after all when it no longer loads)."""
         self.model = self.trained = None
+        self.contract = PIXELS
         if regate_version is not None:
-            self.model = _load_to_regate(self.registry, self.same)
-            self.same = self.same if self.model is not None else None
+            loaded = _load_to_regate(self.registry, self.same)
+            if loaded is None:
+                self.same = None
+            else:
+                self.model, self.contract = loaded.model, loaded.input_contract
         if self.same is None:
             self.trained = _train(self.prepared, self.params, self.lineage, self.out)
             self.model = self.trained.model
@@ -369,7 +391,8 @@ class Retrain:
         """Challenger and champion on the same test split, and the gate's decision."""
         prepared, out = self.prepared, self.out
         self.challenger = evaluate_task(self.model, self.data, prepared.test.paths,
-                                        prepared.test.y, prepared.class_names)
+                                        prepared.test.y, prepared.class_names,
+                                        contract=self.contract)
         _log_evaluation(self.challenger, "test", prepared.class_names, out)
         self.champion = None
         if self.champion_mv is not None:
@@ -377,7 +400,7 @@ class Retrain:
             self.champion = evaluate_task.with_options(
                 name="Evaluate champion on the same split")(
                 loaded.model, self.data, prepared.test.paths, prepared.test.y,
-                prepared.class_names, loaded.class_names)
+                prepared.class_names, loaded.class_names, loaded.input_contract)
             _log_evaluation(self.champion, "champion_test", prepared.class_names, out)
             mlflow.set_tag("champion_version", self.champion_mv.version)
         self.decision = gate_task(
@@ -398,9 +421,9 @@ class Retrain:
                 if self.same is not None:
                     return None
                 self.registered = register_task(
-                    model, params.registry.model_name, self.prepared.test.x[:2], {
+                    model, params.registry.model_name, self._sample(2), {
                         **self.lineage, "data_version": self.version.md5,
-                        "git_commit": self.commit,
+                        "git_commit": self.commit, INPUT_CONTRACT_TAG: self.contract,
                         "class_names": json.dumps(self.prepared.class_names),
                         **{f"test_{k}": f"{v:.4f}"
                            for k, v in self.challenger.metrics.items()}})
@@ -409,17 +432,20 @@ class Retrain:
             self.registered, self.regated = self.same, True
         decision, exporting = self.decision, None
         if decision.promote:
-            sample = self.prepared.test.x[:8]
+            sample = self._sample(8)
             expected = model.predict(sample, verbose=0)  # before the export uses it
             # The exports are built while the fresh process loads the version: it is
             # mostly start-up time, and a version that passed the gate almost always serves.
-            exporting = export_task.submit(model, self.out / "export")
+            exporting = export_task.submit(model, self.out / "export", sample, params.export)
             decision = _check_servable(decision, self.registered, params, sample, expected,
                                        self.fresh)
         if decision.promote:
             registry.set_challenger(self.registered.version)
+            exported = exporting.result()
+            mlflow.log_metrics(exported.metrics())
+            mlflow.set_tags(exported.tags())  # export.<format>: published, or why not
             upload_task([(path, f"export/{path.name}" if path.is_dir() else "export")
-                         for path in exporting.result()])
+                         for path in exported.published])
             moved = promote_task(params, self.registered.version, decision.reason,
                                  self.actor, champion_version)
             if moved["event"] == "refused":
@@ -433,6 +459,12 @@ class Retrain:
                          params, self.out)
         self.decision = decision
         return str(self.registered.version)
+
+    def _sample(self, images: int) -> np.ndarray:
+        """The first test images, as the challenger takes them."""
+        size, channels = model_input(self.model)
+        pixels = load_pixels(self.prepared.files("test")[:images], size, channels)
+        return scale_for(pixels, self.contract).astype(np.float32)
 
     def summary(self) -> dict:
         champion_now = self.registry.champion()

@@ -1,4 +1,4 @@
-"""Split the validated images and prepare the arrays training reads."""
+"""Split the validated images into the file lists training reads."""
 
 from __future__ import annotations
 

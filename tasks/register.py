@@ -1,5 +1,5 @@
 """Register the model version, prove it serves, export it, and promote it to champion
-(visionops.io.models and visionops.io.registry)."""
+(visionops.io.models, visionops.io.exports and visionops.io.registry)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import TRANSIENT_RETRIES
-from visionops.core.config import Params
-from visionops.io.models import FreshProcess, check_servable, export_model, register_model
+from visionops.core.config import ExportParams, Params
+from visionops.io.exports import ExportReport, export_model
+from visionops.io.models import FreshProcess, check_servable, register_model
 from visionops.io.registry import ChampionChanged, Registry
 
 
@@ -29,9 +30,13 @@ def servability_task(model_uri: str, tracking_uri: str, sample: np.ndarray,
     return check_servable(model_uri, tracking_uri, sample, expected, fresh=fresh)
 
 
-@task(name="Export SavedModel and TFLite", cache_policy=NO_CACHE, timeout_seconds=30 * 60)
-def export_task(model, out_dir: Path) -> tuple[Path, Path]:
-    return export_model(model, out_dir)
+@task(name="Export and check SavedModel, TFLite and ONNX", cache_policy=NO_CACHE,
+      timeout_seconds=30 * 60)
+def export_task(model, out_dir: Path, sample: np.ndarray, export: ExportParams
+                ) -> ExportReport:
+    """The formats `export` asks for, each published only if it reproduces the Keras
+    model's predictions for `sample` within `export.tolerance`."""
+    return export_model(model, out_dir, sample, export.formats, export.tolerance)
 
 
 @task(name="Promote to champion", timeout_seconds=10 * 60, **TRANSIENT_RETRIES)

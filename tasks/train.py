@@ -15,7 +15,7 @@ from visionops.core.training import TrainResult, train_model
 
 @task(name="Train model", cache_policy=NO_CACHE, timeout_seconds=8 * 60 * 60)
 def train_task(data: PreparedData, params: TrainParams, augment: AugmentParams, work_dir: Path,
-               callbacks: list[keras.callbacks.Callback] = (), backup_dir: Path | None = None
-               ) -> TrainResult:
+               callbacks: list[keras.callbacks.Callback] = (), backup_dir: Path | None = None,
+               cache: Path | None = None, shuffle_buffer: int = 1_000) -> TrainResult:
     return train_model(data, params, augment, work_dir, callbacks, backup_dir=backup_dir,
-                       log=get_run_logger())
+                       log=get_run_logger(), cache=cache, shuffle_buffer=shuffle_buffer)

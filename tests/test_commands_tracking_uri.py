@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from visionops.cli import app
 from visionops.core.config import load_params
 from visionops.core.demo import write_digits
-from visionops.core.images import load_images
+from visionops.core.pipeline import load_pixels
 from visionops.io.models import load_champion, register_model
 from visionops.io.registry import CHAMPION, Registry
 
@@ -86,7 +86,7 @@ def test_predict_uses_the_params_store_from_another_folder(project):
     image = next((root / "data" / "1").iterdir())
     answer = cli("predict", str(image), "--params", str(root / "params.yaml"), "--json")
     assert answer["champion_version"] == "2"
-    expected = models["2"].predict(load_images([image], 28, 1), verbose=0)[0]
+    expected = models["2"].predict(load_pixels([image], 28, 1) / 255, verbose=0)[0]
     assert answer["predictions"][0]["label"] == V2_CLASSES[int(np.argmax(expected))]
 
 
@@ -103,6 +103,6 @@ def test_predict_takes_model_and_class_names_from_one_version(project, monkeypat
     monkeypatch.setattr(Registry, "champion", champion_then_a_rollback_lands)
     loaded = load_champion(params)
     assert (loaded.version, loaded.class_names) == ("2", V2_CLASSES)
-    x = load_images(sorted((root / "data" / "0").iterdir())[:4], 28, 1)
+    x = load_pixels(sorted((root / "data" / "0").iterdir())[:4], 28, 1) / 255
     np.testing.assert_allclose(loaded.model.predict(x, verbose=0),
                                models["2"].predict(x, verbose=0), rtol=1e-6)

@@ -16,7 +16,7 @@ from projects import make_project, write_params
 
 from flows.retrain import retrain
 from visionops.core.config import load_params
-from visionops.io.models import tflite_predict
+from visionops.io.exports import onnx_predict, tflite_predict
 from visionops.io.registry import Registry
 
 BAD_MODEL = {"train": {"epochs": 1, "learning_rate": 1e-5},
@@ -60,9 +60,15 @@ def test_exported_tflite_agrees_with_the_keras_model(promoted, tmp_path):
         run_id=strong["run_id"], artifact_path="export", dst_path=str(tmp_path)))
     assert (exported / "saved_model" / "saved_model.pb").exists()
     model = mlflow.tensorflow.load_model(f"models:/tiny-digits/{strong['model_version']}")
-    x = np.random.default_rng(0).random((6, 28, 28, 1), dtype=np.float32)
-    np.testing.assert_allclose(tflite_predict(exported / "model.tflite", x),
-                               model.predict(x, verbose=0), atol=1e-5)
+    x = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1)).astype(np.float32)
+    keras_says = model.predict(x, verbose=0)
+    np.testing.assert_allclose(tflite_predict(exported / "model.tflite", x), keras_says,
+                               atol=1e-5)
+    np.testing.assert_allclose(onnx_predict(exported / "model.onnx", x), keras_says,
+                               atol=1e-5)
+    run = mlflow.MlflowClient(strong["tracking_uri"]).get_run(strong["run_id"])
+    assert run.data.metrics["export_onnx_argmax_agreement"] == 1.0
+    assert run.data.tags["export.onnx"] == "published"
 
 
 def test_list_shows_versions_aliases_and_metrics(promoted):
@@ -107,9 +113,10 @@ def test_predict_labels_images_with_the_champion(promoted):
     assert len(rows) == 26 and rows[-1]["path"] == str(one_file)
     assert sum(row["label"] == "2" for row in rows[:-1]) >= 20
     model = mlflow.tensorflow.load_model(f"models:/tiny-digits/{strong['model_version']}")
-    from visionops.core.images import load_images
+    from visionops.core.pipeline import load_pixels
 
-    expected = model.predict(load_images([one_file], 28, 1), verbose=0)[0]
+    # a version trained now takes raw pixels
+    expected = model.predict(load_pixels([one_file], 28, 1).astype(np.float32), verbose=0)[0]
     assert rows[-1]["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
@@ -165,8 +172,9 @@ def test_a_rejected_version_promoted_by_hand_is_exported_too(promoted):
 
     assert result.returncode == 0, result.stderr
     assert "exported" in result.stdout
-    assert {a.path for a in registry.client.list_artifacts(run_id, "export")} >= {
-        "export/model.tflite", "export/saved_model"}
+    assert {a.path for a in registry.client.list_artifacts(run_id, "export")} == {
+        "export/model.tflite", "export/saved_model", "export/model.onnx"}
+    assert registry.client.get_run(run_id).data.metrics["export_onnx_published"] == 1.0
 
 
 def test_racing_promotions_leave_exactly_one_champion(promoted):

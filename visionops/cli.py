@@ -215,7 +215,7 @@ def predict(
 
         champion = load_champion(params)
         rows = list(predict_paths(champion, image_paths(paths)))
-    except (RegistryError, FileNotFoundError) as exc:
+    except (RegistryError, FileNotFoundError, ValueError) as exc:  # ValueError: a bad image
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps({"champion_version": champion.version, "predictions": rows}))
@@ -272,9 +272,24 @@ def models_promote(
 
 def _ensure_exports(params_file: Path, version: str) -> None:
     from visionops.io.models import ensure_exports
+    from visionops.jobs.scoring import current_test_split
 
-    if ensure_exports(_load(params_file), version):
-        typer.echo(f"exported v{version} as SavedModel and TFLite into its run's export/")
+    params = _load(params_file)
+
+    def test_images() -> list[Path]:
+        return [params.data_dir / path for path in current_test_split(params)[0][:8]]
+
+    try:
+        report = ensure_exports(params, version, test_images)
+    except (ValueError, OSError) as exc:  # no data here: the promotion stands, unexported
+        typer.echo(f"exports of v{version} not made: {exc}", err=True)
+        return
+    if report is None:
+        return
+    exported = ", ".join(path.name for path in report.published) or "nothing"
+    typer.echo(f"exported v{version} into its run's export/: {exported}")
+    for reason in report.refused.values():
+        typer.echo(f"not exported: {reason}", err=True)
 
 
 @models_app.command("rollback")

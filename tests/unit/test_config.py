@@ -195,3 +195,26 @@ def test_a_cron_of_the_wrong_form_is_a_config_error(tmp_path):
     path.write_text("schedule:\n  cron: '0 2 * *'\n")
     with pytest.raises(ConfigError, match="five fields"):
         load_params(path)
+
+
+def test_a_pretrained_weights_file_is_relative_to_the_params_folder(tmp_path, monkeypatch):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  architecture: mobilenet_v3_small\n"
+                           "  pretrained: weights/backbone.weights.h5\n")
+    monkeypatch.chdir("/")
+    params = load_params(params_file)
+    assert params.training.pretrained == str(tmp_path / "weights" / "backbone.weights.h5")
+    assert params.train.pretrained == "weights/backbone.weights.h5"  # as written, for MLflow
+    online = load_params(params_file, train__pretrained="imagenet")
+    assert online.training.pretrained == "imagenet"
+
+
+def test_a_sub_section_key_is_set_from_the_environment(tmp_path, monkeypatch):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("train:\n  fine_tune:\n    unfreeze_from: -20\n")
+    monkeypatch.setenv("VISIONOPS_TRAIN__FINE_TUNE__EPOCHS", "3")
+    monkeypatch.setenv("VISIONOPS_VALIDATION__SEVERITY__BLANK", "warn")
+    params = load_params(params_file)
+    assert (params.train.fine_tune.unfreeze_from, params.train.fine_tune.epochs) == (-20, 3)
+    assert params.validation.severity.blank == "warn"
+    assert params.flat()["train.fine_tune.epochs"] == "3"

@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 from visionops.core.images import (
+    FACT_COLUMNS,
     class_names,
+    facts_table,
     image_facts,
     iter_image_files,
-    load_image,
-    load_images,
 )
 
 
@@ -59,44 +59,6 @@ def test_facts_of_a_text_file_named_png(tmp_path):
     assert facts["error"]
 
 
-def test_load_image_shape_dtype_and_range(png_file):
-    array = load_image(png_file, image_size=28, channels=1)
-    assert array.shape == (28, 28, 1)
-    assert array.dtype == np.float32
-    assert array.min() >= 0.0 and array.max() <= 1.0
-    assert array.max() > 0.5  # scaled, not left at 0..255 and not all black
-
-
-def test_load_image_converts_rgb_to_one_channel(tmp_path):
-    path = tmp_path / "rgb.png"
-    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
-    array = load_image(path, image_size=8, channels=1)
-    assert array.shape == (8, 8, 1)
-    # ITU-R 601-2 luma of pure red: 299/1000 * 255 = 76
-    np.testing.assert_allclose(array, 76 / 255, atol=1e-6)
-
-
-def test_load_image_converts_grayscale_to_three_channels(png_file):
-    array = load_image(png_file, image_size=12, channels=3)
-    assert array.shape == (12, 12, 3)
-    np.testing.assert_array_equal(array[..., 0], array[..., 1])
-    np.testing.assert_array_equal(array[..., 0], array[..., 2])
-
-
-def test_load_image_keeps_pixels_when_size_is_unchanged(tmp_path):
-    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
-    Image.fromarray(pixels).save(tmp_path / "ramp.png")
-    array = load_image(tmp_path / "ramp.png", image_size=8, channels=1)
-    np.testing.assert_allclose(array[..., 0], pixels / 255.0, atol=1e-6)
-
-
-def test_load_images_stacks_and_handles_empty(png_file):
-    assert load_images([png_file, png_file], 16, 1).shape == (2, 16, 16, 1)
-    empty = load_images([], 16, 3)
-    assert empty.shape == (0, 16, 16, 3)
-    assert empty.dtype == np.float32
-
-
 def test_iter_image_files_is_sorted_and_skips_non_images(tmp_path, make_image):
     for name in ("b/2.png", "b/1.JPG", "a/z.jpeg", "a/sub/deep.png"):
         make_image(tmp_path / name)
@@ -120,3 +82,52 @@ def test_unusual_file_names(tmp_path, make_image, name):
     make_image(tmp_path / "lbl" / name)
     assert list(iter_image_files(tmp_path)) == [(f"lbl/{name}", "lbl")]
     assert image_facts(tmp_path, f"lbl/{name}", "lbl")["decodable"] is True
+
+
+def _bits_apart(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def _photo(seed: int) -> Image.Image:
+    """A smooth, photo-like RGB image (a blown-up random 8 x 6 colour grid)."""
+    grid = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((96, 64), Image.Resampling.BICUBIC)
+
+
+def test_phash_is_16_hex_digits_that_survive_small_edits(tmp_path):
+    from PIL import ImageEnhance
+
+    _photo(0).save(tmp_path / "a.png")
+    ImageEnhance.Brightness(_photo(0)).enhance(1.1).save(tmp_path / "b.jpg", quality=80)
+    _photo(0).resize((48, 32)).save(tmp_path / "c.png")
+    _photo(1).save(tmp_path / "other.png")
+    hashes = {name: image_facts(tmp_path, name, "x")["phash"]
+              for name in ("a.png", "b.jpg", "c.png", "other.png")}
+    assert all(len(h) == 16 and int(h, 16) >= 0 for h in hashes.values())
+    assert _bits_apart(hashes["a.png"], hashes["b.jpg"]) <= 4   # brighter, re-encoded
+    assert _bits_apart(hashes["a.png"], hashes["c.png"]) <= 4   # half the size
+    assert _bits_apart(hashes["a.png"], hashes["other.png"]) > 12
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGBA", "I;16"])
+def test_phash_of_every_mode(tmp_path, mode):
+    image = _photo(2).convert("L") if mode == "I;16" else _photo(2).convert(mode)
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image, dtype=np.uint16) * 256)
+    image.save(tmp_path / "m.png")
+    facts = image_facts(tmp_path, "m.png", "x")
+    assert facts["decodable"] is True
+    assert len(facts["phash"]) == 16
+
+
+def test_no_phash_without_a_decoded_image(tmp_path, png_file):
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert image_facts(tmp_path, "empty.png", "x")["phash"] is None
+    assert image_facts(png_file.parent, png_file.name, "x", max_side=8)["phash"] is None
+
+
+def test_facts_table_has_the_phash_column(tmp_path, make_image):
+    make_image(tmp_path / "a" / "1.png")
+    table = facts_table(tmp_path, [("a/1.png", "a")])
+    assert list(table.columns) == FACT_COLUMNS and "phash" in FACT_COLUMNS
+    assert table.loc[0, "phash"] == image_facts(tmp_path, "a/1.png", "a")["phash"]

@@ -1,6 +1,5 @@
 import hashlib
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -87,13 +86,29 @@ def test_prepare_data_shapes_and_labels(split_digits):
     for split in SPLITS:
         part = getattr(prepared, split)
         rows = table[table["split"] == split]
-        assert part.x.shape == (len(rows), 12, 12, 1)
-        assert part.x.dtype == np.float32
         assert part.paths == list(rows["path"])
+        assert prepared.files(split) == [data_dir / p for p in rows["path"]]
         expected = [prepared.class_names.index(label) for label in rows["label"]]
         assert part.y.tolist() == expected
         total += len(part.y)
     assert total == 100
+
+
+def test_split_keeps_one_copy_of_a_duplicate_and_drops_conflicts():
+    facts = pd.DataFrame({
+        "path": ["a/2.png", "a/1.png", "b/1.png", "a/3.png", "b/3.png", "b/4.png"],
+        "label": ["a", "a", "b", "a", "b", "b"],
+        "sha256": ["same", "same", "other", "conflict", "conflict", "unreadable"],
+        "excluded": ["", "", "", "", "", "undecodable"],
+    })
+    table = assign_splits(facts, PARAMS)
+    assert sorted(table["path"]) == ["a/1.png", "b/1.png"]  # the first copy by path
+
+
+def test_split_keeps_facts_without_an_excluded_column():
+    facts = pd.DataFrame({"path": ["a/1.png", "b/1.png"], "label": ["a", "b"],
+                          "sha256": ["x", "y"]})
+    assert len(assign_splits(facts, PARAMS)) == 2
 
 
 def test_prepare_data_three_channels(split_digits):

@@ -168,3 +168,57 @@ def test_the_fresh_process_dies_with_a_flow_killed_outright(tmp_path):
     else:
         fresh.kill()
         raise AssertionError("the serve check's process outlived the killed flow")
+
+
+def test_log_exports_uploads_what_it_published_and_logs_the_figures(tracking):
+    from visionops.io.exports import log_exports
+
+    client, experiment_id = tracking
+    model = tiny_model(7)
+    version = register(experiment_id, model)
+    report = log_exports(client, version.run_id, model, sample(), ["saved_model", "onnx"],
+                         tolerance=1e-5)
+    assert report.refused == {}
+    assert sorted(a.path for a in client.list_artifacts(version.run_id, "export")) == [
+        "export/model.onnx", "export/saved_model"]
+    assert "export/saved_model/saved_model.pb" in {
+        a.path for a in client.list_artifacts(version.run_id, "export/saved_model")}
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["export_onnx_argmax_agreement"] == 1.0
+    assert run.data.metrics["export_onnx_max_abs_diff"] <= 1e-5
+    assert run.data.metrics["export_saved_model_published"] == 1.0
+    assert "export_tflite_published" not in run.data.metrics  # not asked for
+    assert run.data.tags["export.onnx"] == "published"
+
+
+def test_log_exports_leaves_a_refused_export_out_and_says_why(tracking):
+    from visionops.io.exports import log_exports
+
+    client, experiment_id = tracking
+    model = tiny_model(8)
+    version = register(experiment_id, model)
+    # checked against another model's predictions, as a conversion gone wrong would give
+    other = tiny_model(9).predict(sample(), verbose=0)
+    report = log_exports(client, version.run_id, model, sample(), ["onnx"], tolerance=1e-4,
+                         expected=other)
+    assert report.published == [] and "onnx" in report.refused
+    assert client.list_artifacts(version.run_id, "export") == []
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["export_onnx_published"] == 0.0
+    assert run.data.metrics["export_onnx_max_abs_diff"] > 1e-4
+    assert run.data.tags["export.onnx"] == report.refused["onnx"]
+
+
+def test_ensure_exports_exports_a_version_promoted_by_hand_once(tracking, registry, tmp_path,
+                                                                 make_image):
+    from visionops.io.models import ensure_exports
+
+    client, experiment_id = tracking
+    version = register(experiment_id, tiny_model(9))  # no input_contract tag: [0, 1] floats
+    files = [make_image(tmp_path / f"{i}.png", size=(28, 28), seed=i) for i in range(3)]
+    report = ensure_exports(registry.params, str(version.version), lambda: files)
+    assert report.refused == {}
+    assert {a.path for a in client.list_artifacts(version.run_id, "export")} == {
+        "export/saved_model", "export/model.tflite", "export/model.onnx"}
+    assert client.get_run(version.run_id).data.metrics["export_onnx_published"] == 1.0
+    assert ensure_exports(registry.params, str(version.version), lambda: 1 / 0) is None  # not read

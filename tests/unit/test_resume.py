@@ -49,7 +49,7 @@ def interrupted_fit(prepared, tmp_path, backup, epoch: int) -> None:
 def test_an_interrupted_fit_resumes_after_its_last_finished_epoch(tiny_prepared, tmp_path):
     backup = tmp_path / "backup"
     interrupted_fit(tiny_prepared, tmp_path, backup, epoch=2)
-    assert (backup / "latest.weights.h5").is_file()
+    assert (backup / "phase1" / "latest.weights.h5").is_file()
 
     resumed = train_model(tiny_prepared, FOUR_EPOCHS, AugmentParams(), tmp_path / "resumed",
                           verbose=0, backup_dir=backup)
@@ -62,7 +62,7 @@ def test_an_interrupted_fit_resumes_after_its_last_finished_epoch(tiny_prepared,
 def test_a_half_written_backup_falls_back_to_the_epoch_before(tiny_prepared, tmp_path):
     backup = tmp_path / "backup"
     interrupted_fit(tiny_prepared, tmp_path, backup, epoch=3)
-    (backup / "latest.weights.h5").write_bytes(b"\0" * 100)  # cut off while writing
+    (backup / "phase1" / "latest.weights.h5").write_bytes(b"\0" * 100)  # cut off while writing
 
     resumed = train_model(tiny_prepared, FOUR_EPOCHS, AugmentParams(), tmp_path / "resumed",
                           verbose=0, backup_dir=backup)
@@ -71,11 +71,57 @@ def test_a_half_written_backup_falls_back_to_the_epoch_before(tiny_prepared, tmp
     assert resumed.backup_warning is None
 
 
+def test_a_fine_tune_interrupted_in_its_second_phase_resumes_there(tmp_path, digits_folder):
+    """Two phases (a backbone frozen, then its top unfrozen): a run killed during the
+    second resumes there, the first phase's weights kept, not trained again."""
+    data_dir = digits_folder(tmp_path / "data", per_class=8, keep=("0", "1"))
+    prepared = prepare_data(data_dir, assign_splits(collect_facts(data_dir), SplitParams()),
+                            DataParams(image_size=32, channels=1))
+    from visionops.core.models import build_model, save_backbone_weights
+
+    params = TrainParams(architecture="mobilenet_v3_small", epochs=1, batch_size=8,
+                         early_stopping_patience=10,
+                         fine_tune={"unfreeze_from": -5, "epochs": 2})
+    weights = save_backbone_weights(build_model(params, (32, 32, 1), 2),
+                                    tmp_path / "pretrained.weights.h5")
+    params = params.model_copy(update={"pretrained": str(weights)})
+    backup = tmp_path / "backup"
+    with pytest.raises(KeyboardInterrupt):  # epoch 2 is the fine-tune's second
+        train_model(prepared, params, AugmentParams(), tmp_path / "first",
+                    callbacks=[Interrupt(2)], verbose=0, backup_dir=backup)
+    assert (backup / "phase1-finished.weights.h5").is_file()
+
+    class CountEpochs(keras.callbacks.Callback):
+        begun: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            CountEpochs.begun.append(epoch)
+
+    resumed = train_model(prepared, params, AugmentParams(), tmp_path / "again",
+                          callbacks=[CountEpochs()], verbose=0, backup_dir=backup)
+    assert CountEpochs.begun == [2]  # neither the first phase nor epoch 1 again
+    assert resumed.resumed_from_epoch == 2
+    assert resumed.fine_tuned_epochs == 1
+    assert not backup.exists()
+
+
+    # killed while writing the first phase's record: that phase is trained again
+    with pytest.raises(KeyboardInterrupt):
+        train_model(prepared, params, AugmentParams(), tmp_path / "third",
+                    callbacks=[Interrupt(2)], verbose=0, backup_dir=backup)
+    (backup / "phase1-finished.json").write_text('{"epochs": 1, "hist')
+    CountEpochs.begun = []
+    again = train_model(prepared, params, AugmentParams(), tmp_path / "fourth",
+                        callbacks=[CountEpochs()], verbose=0, backup_dir=backup)
+    assert CountEpochs.begun == [0, 1, 2]
+    assert "could not be read" in again.backup_warning
+
+
 def test_a_backup_that_does_not_load_is_discarded_with_a_warning(tiny_prepared, tmp_path,
                                                                   caplog):
     backup = tmp_path / "backup"
     interrupted_fit(tiny_prepared, tmp_path, backup, epoch=3)
-    for file in backup.iterdir():
+    for file in (backup / "phase1").iterdir():
         file.write_bytes(b"garbage, not a backup")
 
     with caplog.at_level(logging.WARNING, logger="visionops.core.training"):
@@ -83,7 +129,8 @@ def test_a_backup_that_does_not_load_is_discarded_with_a_warning(tiny_prepared, 
                               verbose=0, backup_dir=backup)
     assert trained.resumed_from_epoch == 0
     assert trained.epochs_run == 4
-    assert trained.backup_warning.startswith(f"training backup {backup} could not be restored")
+    assert trained.backup_warning.startswith(
+        f"training backup {backup / 'phase1'} could not be restored")
     assert "discarded it and trained from scratch" in trained.backup_warning
     assert trained.backup_warning in caplog.text
     assert not backup.exists()

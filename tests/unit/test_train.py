@@ -33,6 +33,7 @@ def layer_summary(model):
 def test_seed_cnn_matches_the_seed_tutorial():
     model = seed_cnn((28, 28, 1), 10)
     assert layer_summary(model) == [
+        "Rescaling",  # the model takes raw pixels
         "Conv2D 32 (3, 3) relu",
         "MaxPooling2D (2, 2)",
         "Conv2D 64 (3, 3) relu",
@@ -58,8 +59,8 @@ def test_seed_cnn_bn_has_batch_normalization():
 
 
 def test_build_model_picks_the_architecture():
-    assert build_model("seed_cnn", (28, 28, 1), 3).name == "seed_cnn"
-    assert build_model("seed_cnn_bn", (28, 28, 1), 3).name == "seed_cnn_bn"
+    for name in ("seed_cnn", "seed_cnn_bn", "mobilenet_v3_small"):
+        assert build_model(TrainParams(architecture=name), (32, 32, 1), 3).name == name
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,95 @@ def test_mirrored_strategy_trains_the_same_model(tiny_prepared, tmp_path):
     assert "Mirrored" in type(mirrored.model.weights[0].value).__name__
     # replicas draw other random streams, so the losses agree closely, not exactly
     np.testing.assert_allclose(mirrored.history["loss"], plain.history["loss"], rtol=0.05)
+
+
+def numbered_split(tmp_path, n_train=20, n_val=7):
+    """8x8 gray PNGs whose pixels are all their label: train/<i>.png and val/<i>.png."""
+    from PIL import Image
+
+    from visionops.core.split import PreparedData, SplitFiles
+
+    parts = {}
+    for split, count in (("train", n_train), ("val", n_val), ("test", 2)):
+        (tmp_path / split).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), i * 10, np.uint8)).save(tmp_path / split / f"{i}.png")
+        parts[split] = SplitFiles([f"{split}/{i}.png" for i in range(count)],
+                                  np.arange(count, dtype=np.int64))
+    return PreparedData(tmp_path, [str(i) for i in range(n_train)], **parts, image_size=8,
+                        channels=1)
+
+
+def batches(dataset):
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_training_batches_are_shuffled_augmented_and_validation_batches_are_not(tmp_path):
+    from visionops.core.training import training_datasets
+
+    data = numbered_split(tmp_path)
+    plain, val = training_datasets(data, 8, AugmentParams(), seed=3)
+    seen = batches(plain)
+    assert [len(y) for _, y in seen] == [8, 8, 4]
+    labels = np.concatenate([y for _, y in seen])
+    assert sorted(labels.tolist()) == list(range(20)) != labels.tolist()  # shuffled
+    for x, y in seen:  # pairs stay together; raw pixels until the model
+        assert x.dtype == np.uint8
+        np.testing.assert_array_equal(x[:, 0, 0, 0], y * 10)
+
+    brighter = AugmentParams(enabled=True, brightness=0.5)
+    augmented, val = training_datasets(data, 8, brighter, seed=3)
+    for x, y in batches(augmented):
+        assert x.dtype == np.float32
+        assert not np.allclose(x[:, 0, 0, 0], y * 10)
+    ((x, y),) = batches(val)
+    np.testing.assert_array_equal(x[:, 0, 0, 0], y * 10)
+
+
+def test_augmented_samples_are_drawn_for_the_run(tiny_prepared, tmp_path):
+    augment = AugmentParams(enabled=True, rotation=0.1, contrast=0.2)
+    result = train_model(tiny_prepared, TINY.model_copy(update={"epochs": 1}), augment,
+                         tmp_path, verbose=0)
+    assert result.augmented_samples == tmp_path / "augmented_samples.png"
+    assert result.augmented_samples.stat().st_size > 1000
+    unaugmented = train_model(tiny_prepared, TINY.model_copy(update={"epochs": 1}),
+                              AugmentParams(), tmp_path / "plain", verbose=0)
+    assert unaugmented.augmented_samples is None
+
+
+def test_training_reads_its_cache_on_later_epochs(tiny_prepared, tmp_path):
+    result = train_model(tiny_prepared, TINY, AugmentParams(), tmp_path / "work", verbose=0,
+                         cache=tmp_path / "cache" / "v1")
+    assert result.cached
+    assert len(list((tmp_path / "cache" / "v1").glob("images-*.index"))) == 2  # train, val
+    again = train_model(tiny_prepared, TINY, AugmentParams(), tmp_path / "again", verbose=0,
+                        cache=tmp_path / "cache" / "v1")
+    np.testing.assert_allclose(again.history["loss"], result.history["loss"], rtol=1e-5)
+
+
+def test_a_cache_is_never_read_for_another_split(tmp_path):
+    """The same data version split otherwise (another split.seed): new cache files."""
+    from visionops.core.training import training_datasets
+
+    data = numbered_split(tmp_path / "data")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first, _ = training_datasets(data, 8, AugmentParams(), seed=3, cache=cache)
+    batches(first)
+    data.train.paths, data.train.y = data.train.paths[:10], data.train.y[:10]
+    second, _ = training_datasets(data, 8, AugmentParams(), seed=3, cache=cache)
+    labels = np.concatenate([y for _, y in batches(second)])
+    assert sorted(labels.tolist()) == list(range(10))
+    assert len(list(cache.glob("images-*.index"))) == 2  # one per training split
+
+
+def test_precision_auto_trains_under_the_resolved_policy(tiny_prepared, tmp_path):
+    from visionops.core.precision import resolve_precision
+
+    result = train_model(tiny_prepared, TINY.model_copy(update={"epochs": 1,
+                                                                "precision": "auto"}),
+                         AugmentParams(), tmp_path, verbose=0)
+    assert result.precision == resolve_precision("auto") != "auto"
+    assert result.model.layers[-1].dtype_policy.compute_dtype == "float32"  # the output
+    assert result.model.layers[0].dtype_policy.name == result.precision
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tasks.validate import validate_task
-from visionops.core.config import ValidationParams
+from visionops.core.config import SeverityParams, ValidationParams
 from visionops.io.validation import DataValidationError, validate_dataset, write_report
 
 RULES = ValidationParams(min_images_per_class=3)
@@ -99,13 +99,14 @@ def test_too_large_image_is_above_max_side(tiny_digits, make_image):
     assert offenders == ["1/wide.png: width 40 px is outside [8, 32] (not decoded)"]
 
 
-def test_duplicate_within_a_label_names_both_files(tiny_digits):
+def test_duplicate_within_a_label_fails_naming_the_extra_copy_when_its_policy_is_fail(
+        tiny_digits):
     original = a_digit(tiny_digits, "1")
-    shutil.copy(original, tiny_digits / "1" / "copy.png")
-    check, offenders = only_failure(tiny_digits)
+    shutil.copy(original, tiny_digits / "1" / "x_copy.png")
+    rules = RULES.model_copy(update={"severity": SeverityParams(duplicate_in_label="fail")})
+    check, offenders = only_failure(tiny_digits, rules)
     assert check == "no duplicates within a label"
-    assert offenders == [f"1/copy.png: duplicate of 1/{original.name}",
-                         f"1/{original.name}: duplicate of 1/copy.png"]
+    assert offenders == [f"1/x_copy.png: duplicate of 1/{original.name}"]
 
 
 def test_duplicate_across_labels_names_both_files(tiny_digits):

@@ -1,13 +1,12 @@
-"""Reading images: the per-image facts validation checks, and the one
-preprocessing (decode, convert, resize, scale to [0, 1]) that training,
-evaluation and prediction all share."""
+"""The image files of a dataset and the per-image facts validation checks. Decoding
+for training, evaluation and prediction is visionops.core.pipeline's."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,16 @@ from PIL import Image, ImageStat
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 FACT_COLUMNS = [
     "path", "label", "inside_root", "format", "width", "height", "mode", "bytes", "sha256",
-    "decodable", "constant", "brightness", "error",
+    "decodable", "constant", "brightness", "phash", "error",
 ]
+# Read a facts CSV with these: a hash of only decimal digits would otherwise become a number.
+# Tables written before `phash` existed lack it; nothing that reads old tables needs it.
+FACT_DTYPES = {"path": str, "label": str, "sha256": str, "phash": str, "excluded": str}
+PHASH_SIDE = 32  # the grayscale thumbnail the perceptual hash is taken from
+PHASH_FREQUENCIES = 8  # 8 x 8 lowest frequencies: 64 bits
+# DCT-II basis: row k is cos(pi * k * (2n + 1) / 2N) over the thumbnail's pixels n.
+_DCT_BASIS = np.cos(np.pi / (2 * PHASH_SIDE) * np.outer(np.arange(PHASH_FREQUENCIES),
+                                                        2 * np.arange(PHASH_SIDE) + 1))
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -42,6 +49,18 @@ def image_file_chunks(root: Path, size: int) -> list[list[tuple[str, str]]]:
 
 def class_names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def perceptual_hash(gray: Image.Image) -> str:
+    """A 64-bit perceptual hash (pHash) of a grayscale image as 16 hex digits: which of
+    the 8 x 8 lowest DCT frequencies of a 32 x 32 thumbnail exceed their median. Small
+    edits (brightness, re-encoding, resizing) change few bits; other images about half."""
+    thumbnail = gray.resize((PHASH_SIDE, PHASH_SIDE), Image.Resampling.LANCZOS,
+                            reducing_gap=3.0)
+    pixels = np.asarray(thumbnail, dtype=np.float64)
+    frequencies = _DCT_BASIS @ pixels @ _DCT_BASIS.T
+    bits = np.packbits(frequencies > np.median(frequencies))
+    return bits.tobytes().hex()
 
 
 def image_facts(root: Path, relative_path: str, label: str, max_side: int | None = None) -> dict:
@@ -72,9 +91,10 @@ def image_facts(root: Path, relative_path: str, label: str, max_side: int | None
                 extrema = image.getextrema()
                 gray = image if image.mode in ("L", "1") else image.convert("L")
                 brightness = ImageStat.Stat(gray).mean[0] / 255.0
+                phash = perceptual_hash(gray if gray.mode == "L" else gray.convert("L"))
         bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
         facts.update(decodable=True, constant=all(low == high for low, high in bands),
-                     brightness=brightness)
+                     brightness=brightness, phash=phash)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a fact to report
         facts["error"] = f"{type(exc).__name__}: {exc}"
     return facts
@@ -85,19 +105,3 @@ def facts_table(root: Path, files: list[tuple[str, str]], max_side: int | None =
     """`image_facts` for each (relative path, label), as one table."""
     rows = [image_facts(root, path, label, max_side) for path, label in files]
     return pd.DataFrame(rows, columns=FACT_COLUMNS)
-
-
-def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode one image into a float32 array of shape (size, size, channels) in [0, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return array.reshape(image_size, image_size, channels)
-
-
-def load_images(paths: Iterable[Path], image_size: int, channels: int) -> np.ndarray:
-    arrays = [load_image(Path(p), image_size, channels) for p in paths]
-    if not arrays:
-        return np.zeros((0, image_size, image_size, channels), dtype=np.float32)
-    return np.stack(arrays)

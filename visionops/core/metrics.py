@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionops.core.images import load_images
+from visionops.core.pipeline import PIXELS, predict_files
 
 
 @dataclass
@@ -50,15 +50,16 @@ def class_recalls(evaluation: Evaluation) -> dict[str, float]:
 
 
 def evaluate_model(model, data_dir: Path, test_paths: list[str], y_test: np.ndarray,
-                   class_names: list[str], model_class_names: list[str] | None = None
-                   ) -> Evaluation:
-    """Score any model on the given test files, preprocessed for that model's own input
-    shape, so a champion trained at another image size or on other classes is judged on
-    the same images. `model_class_names` maps the model's outputs to labels (default:
-    `class_names`); a label the test split does not know counts as wrong."""
-    _, size, _, channels = model.input_shape
-    x = load_images((data_dir / p for p in test_paths), size, channels)
-    outputs = np.argmax(model.predict(x, verbose=0), axis=1)
+                   class_names: list[str], model_class_names: list[str] | None = None,
+                   contract: str = PIXELS) -> Evaluation:
+    """Score any model on the given test files, streamed at that model's own input size
+    and scaled by its input `contract`, so a champion trained at another image size, on
+    other classes or before models took raw pixels is judged on the same images.
+    `model_class_names` maps the model's outputs to labels (default: `class_names`); a
+    label the test split does not know counts as wrong."""
+    files = [Path(data_dir) / p for p in test_paths]
+    outputs = np.concatenate([np.argmax(batch, axis=1) for batch in
+                              predict_files(model, files, contract)] or [np.zeros(0, int)])
     index = {name: i for i, name in enumerate(class_names)}
     names = model_class_names or class_names
     y_pred = np.array([index.get(names[o], -1) for o in outputs], dtype=np.int64)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from visionops.core.config import DataParams, SplitParams
-from visionops.core.images import load_images
 
 SPLITS = ("train", "val", "test")
 
@@ -28,31 +27,48 @@ def split_of(sha256: str, params: SplitParams) -> str:
 
 
 def assign_splits(facts: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
-    """The facts table's path, label and sha256 with a `split` column added."""
-    table = facts[["path", "label", "sha256"]].copy()
+    """The images training may use, with a `split` column: path, label, sha256, split.
+
+    Left out: content under more than one label (a conflict validation reported, when
+    its policy is `warn`), all copies but the first of a file repeated within a label,
+    and files validation excluded (an `excluded` reason in the facts, when present)."""
+    table = facts
+    if "excluded" in table.columns:
+        table = table[table["excluded"].fillna("").astype(str) == ""]
+    table = table.sort_values("path", kind="stable")
+    conflicting = table.groupby("sha256")["label"].transform("nunique") > 1
+    table = table[~conflicting].drop_duplicates(["label", "sha256"], keep="first")
+    table = table.sort_index()[["path", "label", "sha256"]].copy()
     table["split"] = [split_of(sha, params) for sha in table["sha256"]]
     return table
 
 
 @dataclass
-class Arrays:
-    """One split, preprocessed: images (N, size, size, channels) in [0, 1], integer labels."""
+class SplitFiles:
+    """One split: image paths relative to the dataset folder and integer labels."""
 
-    x: np.ndarray
-    y: np.ndarray
     paths: list[str]
+    y: np.ndarray
 
 
 @dataclass
 class PreparedData:
+    """The splits as files, read through visionops.core.pipeline at `image_size`."""
+
+    data_dir: Path
     class_names: list[str]
-    train: Arrays
-    val: Arrays
-    test: Arrays
+    train: SplitFiles
+    val: SplitFiles
+    test: SplitFiles
+    image_size: int
+    channels: int
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])
+        return (self.image_size, self.image_size, self.channels)
+
+    def files(self, split: str) -> list[Path]:
+        return [self.data_dir / p for p in getattr(self, split).paths]
 
 
 def class_names_of(table: pd.DataFrame) -> list[str]:
@@ -68,19 +84,13 @@ def split_labels(table: pd.DataFrame, split: str, class_names: list[str]
                                         dtype=np.int64)
 
 
-def load_split(data_dir: Path, table: pd.DataFrame, split: str, class_names: list[str],
-               params: DataParams) -> Arrays:
-    paths, y = split_labels(table, split, class_names)
-    x = load_images((data_dir / p for p in paths), params.image_size, params.channels)
-    return Arrays(x=x, y=y, paths=paths)
-
-
 def prepare_data(data_dir: Path, table: pd.DataFrame, params: DataParams) -> PreparedData:
+    """The splits of `table` (see `assign_splits`); no image is read here."""
     class_names = class_names_of(table)
-    arrays = {s: load_split(data_dir, table, s, class_names, params) for s in SPLITS}
-    for split, part in arrays.items():
+    splits = {s: SplitFiles(*split_labels(table, s, class_names)) for s in SPLITS}
+    for split, part in splits.items():
         if len(part.y) == 0:
             raise ValueError(f"{data_dir}: the {split} split is empty; add images or change "
                              "split.val_fraction / split.test_fraction in params.yaml")
-    return PreparedData(class_names=class_names, **arrays)
-
+    return PreparedData(data_dir=Path(data_dir), class_names=class_names, **splits,
+                        image_size=params.image_size, channels=params.channels)

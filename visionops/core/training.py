@@ -9,7 +9,7 @@ is discarded with a warning, and training starts again from scratch."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import json
 import logging
 import os
 import re
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from visionops.core.config import AugmentParams, TrainParams
+from visionops.core.flock import exclusive_lock
 from visionops.core.split import PreparedData
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ class TrainResult:
     train_images: int = 0
     resumed_from_epoch: int = 0  # epochs the backup had already finished; 0: from scratch
     backup_warning: str | None = None  # why a backup was discarded, when one was
-
-
+    precision: str = "float32"  # the dtype policy trained under (`auto` resolved)
+    fine_tuned_epochs: int = 0  # of epochs_run, those of the fine-tuning phase
+    augmented_samples: Path | None = None  # a grid of what augmentation showed the model
+    cached: bool = False  # decoded images read from the on-disk cache
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -56,60 +59,187 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def training_datasets(data: PreparedData, batch_size: int, augment: AugmentParams, seed: int,
+                      shuffle_buffer: int = 1_000, cache: Path | None = None
+                      ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Shuffled (and augmented) training batches and validation batches, streamed from
+    the files as raw pixels; with `cache`, decoded images are kept in that folder."""
+    import tensorflow as tf
+
+    from visionops.core.augment import build_augmenter
+    from visionops.core.pipeline import image_dataset
+
+    def split(name: str, shuffle_seed: int | None) -> tf.data.Dataset:
+        part = getattr(data, name)
+        return image_dataset(data.files(name), data.image_size, data.channels, batch_size,
+                             part.y, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
+                             cache_dir=cache)
+
+    train = split("train", seed)
+    augmenter = build_augmenter(augment, seed)
+    if augmenter is not None:
+        train = train.map(lambda x, y: (augmenter(x, training=True), y),
+                          num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return train, split("val", None)
+
+
 def train_model(data: PreparedData, params: TrainParams, augment: AugmentParams,
                 work_dir: Path, callbacks: list[keras.callbacks.Callback] = (),
                 verbose: int = 2, backup_dir: Path | None = None,
-                log: logging.Logger | logging.LoggerAdapter = logger) -> TrainResult:
+                log: logging.Logger | logging.LoggerAdapter = logger,
+                cache: Path | None = None, shuffle_buffer: int = 1_000) -> TrainResult:
     """Train from scratch, or, when `backup_dir` holds the state an interrupted run left
     at its last finished epoch, resume from there; the backup is removed on success.
-    A backup that does not load is removed first, and the reason is `backup_warning`."""
+    A backup that does not load is removed first, and the reason is `backup_warning`.
+
+    A keras.applications backbone trains in two phases: the head with the backbone
+    frozen, then, with `fine_tune.unfreeze_from` set, the backbone's top layers at
+    `fine_tune.learning_rate`. `cache` is a folder for decoded images (see
+    `visionops.core.pipeline.claim_cache`); a cache another run holds is not used."""
+    from visionops.core.pipeline import claim_cache
+    from visionops.core.precision import precision_policy, resolve_precision
+
+    precision = resolve_precision(params.precision)
+    with precision_policy(precision), \
+            (claim_cache(cache) if cache else contextlib.nullcontext()) as cache:
+        result = _train(data, params, augment, work_dir, list(callbacks), verbose,
+                        backup_dir, log, cache, shuffle_buffer)
+    result.precision, result.cached = precision, cache is not None
+    return result
+
+
+def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log, cache,
+           shuffle_buffer) -> TrainResult:
     import keras
 
-    from visionops.core.augment import make_datasets
-    from visionops.core.models import build_model
+    from visionops.core.models import (
+        SEED_ARCHITECTURES,
+        build_model,
+        freeze_backbone,
+        has_backbone,
+        unfreeze_top,
+    )
 
-    def compiled_model() -> keras.Model:
-        model = build_model(params.architecture, data.input_shape, len(data.class_names))
-        model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
+    transfer = params.pretrained is not None and params.architecture not in SEED_ARCHITECTURES
+    fine_tune = transfer and params.fine_tune.unfreeze_from is not None
+
+    def compiled_model(phase: int = 1) -> keras.Model:
+        model = build_model(params, data.input_shape, len(data.class_names))
+        rate = params.learning_rate
+        if phase == 1 and transfer:
+            freeze_backbone(model)  # the head first; a random backbone trains whole
+        if phase == 2:
+            unfreeze_top(model, params.fine_tune.unfreeze_from)
+            rate = params.fine_tune.learning_rate
+        model.compile(optimizer=keras.optimizers.Adam(rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
-    resumed_from, backup_warning = 0, None
-    if backup_dir is not None:
+    def resume(folder: Path | None, phase: int) -> int:
+        if folder is None:
+            return 0
         # before the seed is set, so that checking the backup draws no random numbers
-        resumed_from, backup_warning = check_backup(backup_dir, compiled_model)
-        if backup_warning:
-            log.warning(backup_warning)
-        elif resumed_from:
-            log.info("resuming after epoch %s from the backup in %s", resumed_from,
-                     backup_dir)
+        resumed, warning = check_backup(folder, lambda: compiled_model(phase))
+        if warning:
+            log.warning(warning)
+            resume.warning = warning
+        elif resumed:
+            log.info("resuming after epoch %s from the backup in %s", resumed, folder)
+        return resumed
+
+    resume.warning = None
+    phase_one = backup_dir and backup_dir / "phase1"
+    finished = backup_dir and backup_dir / "phase1-finished.weights.h5"
+    # written last, so that it names a complete weights file: {"epochs", "history"}
+    finished_record = backup_dir and backup_dir / "phase1-finished.json"
+    done = None
+    if finished_record and finished_record.is_file():
+        try:
+            done = json.loads(finished_record.read_text())
+        except (OSError, ValueError) as exc:
+            resume.warning = (f"training backup {finished_record} could not be read ({exc}); "
+                              "discarded it and trained the first phase again")
+            log.warning(resume.warning)
+            shutil.rmtree(backup_dir, ignore_errors=True)
+    resumed_from = 0 if done else resume(phase_one, 1)
     keras.utils.set_random_seed(params.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / "best.keras"
     tensorboard_dir = work_dir / "tensorboard"
-    train_ds, val_ds = make_datasets(data.train.x, data.train.y, data.val.x, data.val.y,
-                                     params.batch_size, augment, params.seed)
+    train_ds, val_ds = training_datasets(data, params.batch_size, augment, params.seed,
+                                         shuffle_buffer, cache)
+
+    def fit(model, epochs: int, backup: Path | None, initial_epoch: int = 0) -> dict:
+        return model.fit(
+            train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
+            verbose=verbose, callbacks=[
+                keras.callbacks.EarlyStopping(monitor="val_loss",
+                                              patience=params.early_stopping_patience,
+                                              restore_best_weights=True),
+                keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss",
+                                                save_best_only=True),
+                keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
+                *([backup_callback(backup)] if backup is not None else []),
+                *callbacks,
+            ]).history
+
+    started = time.perf_counter()
     with distribution_strategy(params.strategy).scope():
         model = compiled_model()
-    started = time.perf_counter()
-    history = model.fit(
-        train_ds, validation_data=val_ds, epochs=params.epochs, verbose=verbose,
-        callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss",
-                                          patience=params.early_stopping_patience,
-                                          restore_best_weights=True),
-            keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
-            keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)),
-            *([backup_callback(backup_dir)] if backup_dir is not None else []),
-            *callbacks,
-        ],
-    )
-    return TrainResult(model=model, history=history.history,
-                       epochs_run=len(history.history.get("loss", [])), checkpoint=checkpoint,
-                       tensorboard_dir=tensorboard_dir,
-                       fit_seconds=time.perf_counter() - started,
+    if done:  # phase 1 ended before the run was interrupted
+        model.load_weights(finished)
+        history, first_phase_epochs = done["history"], done["epochs"]
+        log.info("resuming after the first phase, whose weights %s kept", finished)
+    else:
+        history = fit(model, params.epochs, phase_one)
+        first_phase_epochs = resumed_from + len(history.get("loss", []))
+    fine_tuned = 0
+    if fine_tune and has_backbone(model):
+        if backup_dir is not None and not done:  # phase 2 resumes from here if killed now
+            _write_atomically(finished, lambda path: model.save_weights(path))
+            record = json.dumps({"epochs": first_phase_epochs, "history": history})
+            _write_atomically(finished_record, lambda path: path.write_text(record))
+        weights = model.get_weights()
+        phase_two = backup_dir and backup_dir / "phase2"
+        resumed_from = resumed_from or resume(phase_two, 2)
+        with distribution_strategy(params.strategy).scope():
+            model = compiled_model(phase=2)
+        model.set_weights(weights)
+        more = fit(model, first_phase_epochs + params.fine_tune.epochs, phase_two,
+                   initial_epoch=first_phase_epochs)
+        fine_tuned = len(more.get("loss", []))
+        history = {key: history.get(key, []) + more.get(key, []) for key in more}
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)  # trained: nothing left to resume
+    fit_seconds = time.perf_counter() - started
+    return TrainResult(model=model, history=history,
+                       epochs_run=len(history.get("loss", [])), checkpoint=checkpoint,
+                       tensorboard_dir=tensorboard_dir, fit_seconds=fit_seconds,
                        train_images=len(data.train.y), resumed_from_epoch=resumed_from,
-                       backup_warning=backup_warning)
+                       backup_warning=resume.warning, fine_tuned_epochs=fine_tuned,
+                       augmented_samples=_augmented_samples(data, augment, params.seed,
+                                                            work_dir))
+
+
+def _augmented_samples(data: PreparedData, augment: AugmentParams, seed: int,
+                       work_dir: Path) -> Path | None:
+    """A grid of a few training images and what augmentation made of them."""
+    from visionops.core.augment import augmented_grid, build_augmenter
+    from visionops.core.pipeline import load_pixels
+
+    augmenter = build_augmenter(augment, seed)
+    if augmenter is None:
+        return None
+    images = load_pixels(data.files("train")[:4], data.image_size, data.channels)
+    return augmented_grid(images, augmenter, work_dir / "augmented_samples.png", seed=seed)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    partial = path.with_name(f".partial.{path.name}")  # the same suffixes: Keras checks them
+    write(partial)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
 
 
 def backup_callback(backup_dir: Path) -> keras.callbacks.BackupAndRestore:
@@ -148,12 +278,12 @@ def claim_backup_dir(base: Path, lineage_key: str) -> Iterator[Path]:
     exclusive lock the OS releases when its process dies, so a crash never blocks."""
     base.mkdir(parents=True, exist_ok=True)
     remove_abandoned_private_dirs(base, lineage_key)
-    with _exclusive_lock(base / f"{lineage_key}.lock") as claimed:
+    with exclusive_lock(base / f"{lineage_key}.lock") as claimed:
         if claimed:
             yield base / lineage_key
             return
     private = base / f"{lineage_key}-{os.getpid()}-{secrets.token_hex(4)}"
-    with _exclusive_lock(private.with_name(private.name + ".lock")):
+    with exclusive_lock(private.with_name(private.name + ".lock")):
         try:
             yield private
         finally:
@@ -168,28 +298,7 @@ def remove_abandoned_private_dirs(base: Path, lineage_key: str) -> None:
     for lock in base.iterdir():
         if not private_lock.fullmatch(lock.name):
             continue
-        with _exclusive_lock(lock) as claimed:
+        with exclusive_lock(lock) as claimed:
             if claimed:
                 shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
                 lock.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on `path` for the block if nobody else holds it: True;
-    False when another open file, in this process or any other, holds it."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except FileNotFoundError:  # removed by another cleaner meanwhile
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            claimed = False
-        else:
-            claimed = True
-        yield claimed
-    finally:
-        os.close(fd)  # closing releases the lock

@@ -1,6 +1,6 @@
 """Models in the MLflow registry: the one way to load a registered version
 (`load_registered_version`), registering one, proving it serves from a fresh process,
-and exporting it (SavedModel, TFLite)."""
+and exporting a version promoted by hand (visionops.io.exports)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
 from visionops.core.config import Params
+from visionops.core.pipeline import (
+    INPUT_CONTRACT_TAG,
+    UNIT_FLOAT,
+    load_pixels,
+    model_input,
+    scale_for,
+)
+from visionops.io.exports import ExportReport, log_exports
 from visionops.io.registry import CHAMPION, Registry, RegistryError
 
 # Imports first, then waits for one request: a JSON line naming the model URI and the
@@ -144,48 +153,34 @@ def check_servable(model_uri: str, tracking_uri: str, sample: np.ndarray,
     return None
 
 
-def export_model(model, out_dir: Path) -> tuple[Path, Path]:
-    """The model as a TensorFlow SavedModel folder and as a TFLite flat buffer."""
-    import tensorflow as tf
-
-    saved_model = out_dir / "saved_model"
-    model.export(str(saved_model), format="tf_saved_model", verbose=False)
-    tflite = out_dir / "model.tflite"
-    tflite.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
-    return saved_model, tflite
-
-
-def tflite_predict(tflite: Path, x: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
-    interpreter = tf.lite.Interpreter(model_path=str(tflite))
-    (input_detail,) = interpreter.get_input_details()
-    interpreter.resize_tensor_input(input_detail["index"], list(x.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(input_detail["index"], x.astype(np.float32))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
-
-def ensure_exports(params: Params, version: str) -> bool:
-    """Export a registered version (SavedModel, TFLite) into its run's `export/` artifacts
-    unless they are there already, as for a version promoted by hand; True if it exported."""
+def ensure_exports(params: Params, version: str,
+                   sample_files: Callable[[], Sequence[str | Path]]) -> ExportReport | None:
+    """Export a registered version (params.export's formats) into its run's `export/`
+    artifacts, each checked against its Keras model on the first 8 of `sample_files()`
+    (asked for only when exporting), the figures logged as the run's metrics, unless the
+    run has exports already, as for a version promoted by hand; None when it had. A
+    ValueError when there are no images to check the exports on."""
     registry = Registry(params)
     run_id = registry.version(version).run_id
     if registry.client.list_artifacts(run_id, "export"):
-        return False
-    model = load_registered_version(params, version).model
-    with tempfile.TemporaryDirectory() as scratch:
-        export_dir = Path(scratch) / "export"
-        export_model(model, export_dir)
-        registry.client.log_artifacts(run_id, str(export_dir), "export")
-    return True
+        return None
+    files = list(sample_files())[:8]
+    if not files:
+        raise ValueError(f"v{version} not exported: no test images to check the exports on")
+    loaded = load_registered_version(params, version)
+    size, channels = model_input(loaded.model)
+    sample = scale_for(load_pixels(files, size, channels), loaded.input_contract)
+    return log_exports(registry.client, run_id, loaded.model, sample, params.export.formats,
+                       params.export.tolerance)
 
 @dataclass
 class LoadedVersion:
     model: object
     class_names: list[str] | None  # None: the version has no `class_names` tag
     version: str
+    # what its model takes (visionops.core.pipeline): raw pixels, or, for a version
+    # registered before models rescaled inside, [0, 1] floats (it has no tag)
+    input_contract: str = UNIT_FLOAT
 
 
 def load_champion(params: Params) -> LoadedVersion:
@@ -219,4 +214,5 @@ def load_registered_version(params: Params, version: str | int) -> LoadedVersion
         model = mlflow.tensorflow.load_model(local)
     class_names = model_version.tags.get("class_names")
     return LoadedVersion(model, json.loads(class_names) if class_names else None,
-                         str(model_version.version))
+                         str(model_version.version),
+                         model_version.tags.get(INPUT_CONTRACT_TAG, UNIT_FLOAT))

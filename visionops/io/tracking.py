@@ -44,8 +44,9 @@ def epoch_metrics_logger():
 # the data version train the same model (fixed seeds), so the second trains nothing.
 # Not counted: the CLI, the flow, the stack, ingest, the gate (a change to the gate alone
 # re-gates the last challenger), registry, tracking, notification, schedule and compute.
-MODEL_CODE = ("visionops.core.images", "visionops.core.models", "visionops.core.split",
-              "visionops.core.augment", "visionops.core.training")
+MODEL_CODE = ("visionops.core.images", "visionops.core.pipeline", "visionops.core.models",
+              "visionops.core.split", "visionops.core.augment", "visionops.core.precision",
+              "visionops.core.training")
 MODEL_PARAMS = ("data", "split", "augment", "train")
 
 

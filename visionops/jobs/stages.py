@@ -40,9 +40,10 @@ def validate(params: Params) -> bool:
 
 
 def split(params: Params) -> None:
+    from visionops.core.images import FACT_DTYPES
     from visionops.core.split import assign_splits
 
-    facts = pd.read_csv(_out(params, "validation", "image_facts.csv"), dtype={"label": str})
+    facts = pd.read_csv(_out(params, "validation", "image_facts.csv"), dtype=FACT_DTYPES)
     assign_splits(facts, params.split).to_csv(_out(params, "split.csv"), index=False)
 
 
@@ -56,8 +57,8 @@ def _prepared(params: Params):
 def train(params: Params) -> None:
     from visionops.core.training import train_model
 
-    result = train_model(_prepared(params), params.train, params.augment,
-                         _folder(params, "train"))
+    result = train_model(_prepared(params), params.training, params.augment,
+                         _folder(params, "train"), shuffle_buffer=params.data.shuffle_buffer)
     result.model.save(_out(params, "model.keras"))
     _out(params, "history.json").write_text(json.dumps(result.history, indent=2))
 
