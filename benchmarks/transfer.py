@@ -58,7 +58,7 @@ def train_and_score(data, params, work: Path) -> dict:
 
 
 def main() -> None:
-    from visionops.core.config import TrainParams
+    from visionops.core.config import FineTuneParams, TrainParams
     from visionops.core.models import save_backbone_weights
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,8 +88,8 @@ def main() -> None:
                               out / "train-scratch")
     pretrained = train_and_score(small, base.model_copy(update={
         "epochs": head_epochs, "pretrained": str(weights),
-        "fine_tune": {"unfreeze_from": -30, "epochs": args.epochs - head_epochs,
-                      "learning_rate": 1e-4}}), out / "train-pretrained")
+        "fine_tune": FineTuneParams(unfreeze_from=-30, epochs=args.epochs - head_epochs,
+                                    learning_rate=1e-4)}), out / "train-pretrained")
     for result in (scratch, pretrained):
         result.pop("model")
     results = {"pretrain_images": args.pretrain_images, "images": args.images,

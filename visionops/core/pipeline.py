@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 INPUT_CONTRACT_TAG = "input_contract"
 PIXELS = "pixels_0_255"   # uint8 or float pixels in [0, 255]; the model rescales
 UNIT_FLOAT = "unit_float"  # float32 in [0, 1]: versions registered before PIXELS
+DECODED_TOGETHER = 16  # files decoded in one call of the pipeline's Python function
 # Bumped whenever decoding changes, so that no cache made by another decoding is read.
 DECODING = "pil-draft-exif-bilinear-1"
 
@@ -120,17 +121,23 @@ def image_dataset(paths: Sequence[str | Path], image_size: int, channels: int,
         dataset = dataset.shuffle(max(len(paths), 1), seed=shuffle_seed,
                                   reshuffle_each_iteration=True)
 
-    def decode(path):
-        pixels = tf.numpy_function(lambda p: decode_image(p.decode(), image_size, channels),
-                                   [path], tf.uint8, stateful=False)
-        return tf.ensure_shape(pixels, (image_size, image_size, channels))
+    def decode(names):
+        pixels = tf.numpy_function(
+            lambda found: load_pixels([name.decode() for name in found], image_size, channels),
+            [names], tf.uint8, stateful=False)
+        return tf.ensure_shape(pixels, (None, image_size, image_size, channels))
 
+    # A few files per call: one Python call per image costs small images most of their
+    # decoding time (28x28 PNGs: 3,900 images/s one by one, more than twice that so).
+    dataset = dataset.batch(DECODED_TOGETHER)
     if labels is None:
         dataset = dataset.map(decode, num_parallel_calls=autotune)
     else:
-        dataset = dataset.map(lambda path, label: (decode(path), label),
+        dataset = dataset.map(lambda names, label: (decode(names), label),
                               num_parallel_calls=autotune)
+    dataset = dataset.unbatch()
     if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
         dataset = dataset.cache(str(cache_dir / _cache_name(paths, labels, image_size,
                                                              channels)))
         if shuffle_seed is not None:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 logger = logging.getLogger(__name__)
+# Training steps per call into TensorFlow: small models on small images spend much of a
+# step in Keras's Python loop otherwise. Callbacks see every epoch either way.
+STEPS_PER_EXECUTION = 16
 
 
 @dataclass
@@ -132,7 +135,8 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
             unfreeze_top(model, params.fine_tune.unfreeze_from)
             rate = params.fine_tune.learning_rate
         model.compile(optimizer=keras.optimizers.Adam(rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=STEPS_PER_EXECUTION)
         return model
 
     def resume(folder: Path | None, phase: int) -> int:
