@@ -135,7 +135,8 @@ def image_dataset(paths: Sequence[str | Path], image_size: int, channels: int,
     else:
         dataset = dataset.map(lambda names, label: (decode(names), label),
                               num_parallel_calls=autotune)
-    dataset = dataset.unbatch()
+    # unbatch hides the count from Keras, which then warns at the end of every epoch
+    dataset = dataset.unbatch().apply(tf.data.experimental.assert_cardinality(len(paths)))
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         dataset = dataset.cache(str(cache_dir / _cache_name(paths, labels, image_size,
