@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from PIL import Image
 
 from visionops.core.demo import write_digits
@@ -55,3 +58,15 @@ def tiny_digits(tmp_path: Path) -> Path:
 @pytest.fixture
 def png_file(tmp_path: Path) -> Path:
     return write_image(tmp_path / "good.png", size=(20, 12), mode="L")
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A throwaway sqlite store and artifact folder; the previous tracking URI is restored."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with _use_tracking_uri(uri):
+        experiment_id = mlflow.create_experiment(
+            "unit", artifact_location=(tmp_path / "artifacts").as_uri())
+        yield MlflowClient(), experiment_id
+        mlflow.end_run()

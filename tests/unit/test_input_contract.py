@@ -8,7 +8,6 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from visionops.core.config import Params
 from visionops.core.metrics import evaluate_model
@@ -21,16 +20,12 @@ CLASSES = ["0", "1", "2"]
 
 
 @pytest.fixture
-def params(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with _use_tracking_uri(uri):
-        experiment_id = mlflow.create_experiment(
-            "unit", artifact_location=(tmp_path / "artifacts").as_uri())
-        mlflow.set_experiment(experiment_id=experiment_id)
-        yield Params(registry={"model_name": NAME},
-                     mlflow={"tracking_uri": uri, "experiment_name": "unit"}, root=tmp_path)
-        mlflow.end_run()
+def params(tracking, tmp_path):
+    _, experiment_id = tracking
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return Params(registry={"model_name": NAME},
+                  mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                          "experiment_name": "unit"}, root=tmp_path)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from visionops.core.config import Params
@@ -14,18 +13,6 @@ from visionops.io.registry import Registry
 
 NAME = "unit-digits"
 CLASSES = ["0", "1", "2"]
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    """A throwaway sqlite store and artifact folder; the previous tracking URI is restored."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with _use_tracking_uri(uri):
-        experiment_id = mlflow.create_experiment(
-            "unit", artifact_location=(tmp_path / "artifacts").as_uri())
-        yield MlflowClient(), experiment_id
-        mlflow.end_run()
 
 
 @pytest.fixture

@@ -116,16 +116,12 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
            shuffle_buffer) -> TrainResult:
     import keras
 
-    from visionops.core.models import (
-        SEED_ARCHITECTURES,
-        build_model,
-        freeze_backbone,
-        has_backbone,
-        unfreeze_top,
-    )
+    from visionops.core.models import build_model, freeze_backbone, unfreeze_top
 
-    transfer = params.pretrained is not None and params.architecture not in SEED_ARCHITECTURES
+    # build_model refuses pretrained weights for a model without a backbone
+    transfer = params.pretrained is not None
     fine_tune = transfer and params.fine_tune.unfreeze_from is not None
+    backup_warning = None
 
     def compiled_model(phase: int = 1) -> keras.Model:
         model = build_model(params, data.input_shape, len(data.class_names))
@@ -141,18 +137,18 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
         return model
 
     def resume(folder: Path | None, phase: int) -> int:
+        nonlocal backup_warning
         if folder is None:
             return 0
         # before the seed is set, so that checking the backup draws no random numbers
         resumed, warning = check_backup(folder, lambda: compiled_model(phase))
         if warning:
             log.warning(warning)
-            resume.warning = warning
+            backup_warning = warning
         elif resumed:
             log.info("resuming after epoch %s from the backup in %s", resumed, folder)
         return resumed
 
-    resume.warning = None
     phase_one = backup_dir and backup_dir / "phase1"
     finished = backup_dir and backup_dir / "phase1-finished.weights.h5"
     # written last, so that it names a complete weights file: {"epochs", "history"}
@@ -162,9 +158,9 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
         try:
             done = json.loads(finished_record.read_text())
         except (OSError, ValueError) as exc:
-            resume.warning = (f"training backup {finished_record} could not be read ({exc}); "
+            backup_warning = (f"training backup {finished_record} could not be read ({exc}); "
                               "discarded it and trained the first phase again")
-            log.warning(resume.warning)
+            log.warning(backup_warning)
             shutil.rmtree(backup_dir, ignore_errors=True)
     resumed_from = 0 if done else resume(phase_one, 1)
     keras.utils.set_random_seed(params.seed)
@@ -197,7 +193,7 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
         history = fit(model, params.epochs, phase_one)
         first_phase_epochs = resumed_from + len(history.get("loss", []))
     fine_tuned = 0
-    if fine_tune and has_backbone(model):
+    if fine_tune:
         if backup_dir is not None and not done:  # phase 2 resumes from here if killed now
             _write_atomically(finished, lambda path: model.save_weights(path))
             record = json.dumps({"epochs": first_phase_epochs, "history": history})
@@ -222,7 +218,7 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
                        epochs_run=len(history.get("loss", [])), checkpoint=checkpoint,
                        tensorboard_dir=tensorboard_dir, fit_seconds=fit_seconds,
                        train_images=len(data.train.y), resumed_from_epoch=resumed_from,
-                       backup_warning=resume.warning, fine_tuned_epochs=fine_tuned,
+                       backup_warning=backup_warning, fine_tuned_epochs=fine_tuned,
                        augmented_samples=_augmented_samples(data, augment, params.seed,
                                                             work_dir))
 
