@@ -3,6 +3,9 @@ repository with a local remote, and (once a flow ran) a SQLite MLflow store."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -45,3 +48,38 @@ def make_project(root: Path, labels=range(4), per_class: int = 25) -> Path:
         "['remote \"local\"']\n    url = ../dvc-storage\n")
     write_params(root)
     return root
+
+
+def visionops(*args: str, env: dict | None = None, timeout: float = 600):
+    """The `visionops` command of this environment, run to its end."""
+    return subprocess.run([str(Path(sys.executable).parent / "visionops"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def prefect_session(api_url: str, auth_string: str | None):
+    """A requests session for a Prefect API as its own client talks to it: the auth string
+    as basic auth, then a CSRF token for this client id on every request."""
+    import uuid
+
+    import requests
+
+    session = requests.Session()
+    if auth_string:
+        session.auth = tuple(auth_string.split(":", 1))
+    client = str(uuid.uuid4())
+    answer = session.get(f"{api_url}/csrf-token?client={client}", timeout=30)
+    if answer.ok:
+        session.headers.update({"Prefect-Csrf-Token": answer.json()["token"],
+                                "Prefect-Csrf-Client": client})
+    return session
+
+
+def digits(folder: Path, label: int, first: int, count: int) -> Path:
+    """The `first`..`first + count - 1`th digits of one class as PNGs in folder/<label>/."""
+    scratch = folder.parent / f".scratch-{folder.name}-{label}-{first}"
+    write_digits(scratch, per_class=first + count, labels=[label])
+    (folder / str(label)).mkdir(parents=True, exist_ok=True)
+    for image in sorted((scratch / str(label)).iterdir())[first:]:
+        shutil.move(image, folder / str(label) / f"{first}-{image.name}")
+    shutil.rmtree(scratch)
+    return folder

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from projects import digits
 
 from visionops.core.config import load_params
-from visionops.core.demo import write_digits
 from visionops.io.dataset import version_dataset
 from visionops.io.ingest import (
     IngestBusy,
@@ -27,17 +27,6 @@ from visionops.io.ingest import (
 )
 from visionops.io.landing import key_digest, open_landing
 from visionops.io.locks import limit_name, prefect_lock
-
-
-def digits(folder: Path, label: int, first: int, count: int) -> Path:
-    """The `first`..`first + count - 1`th digits of one class as PNGs in folder/<label>/."""
-    scratch = folder.parent / f".scratch-{label}-{first}"
-    write_digits(scratch, per_class=first + count, labels=[label])
-    (folder / str(label)).mkdir(parents=True, exist_ok=True)
-    for image in sorted((scratch / str(label)).iterdir())[first:]:
-        shutil.move(image, folder / str(label) / f"{first}-{image.name}")
-    shutil.rmtree(scratch)
-    return folder
 
 
 def states(landing: Path, params) -> Counter:

@@ -23,6 +23,10 @@ file or marker cannot be written never blocks the others: it is quarantined with
 error among its reasons, or left pending with it.
 Every step can be interrupted and run again: copies are atomic and content-addressed,
 so nothing is lost and nothing is counted twice.
+No symbolic link is followed on either side: in the landing area a link is a refused
+entry (quarantined unread); in the project a linked `.visionops/`, staging folder, data
+folder, class folder or quarantine folder stops the ingest (`ProjectFolderError`)
+before anything is read or written.
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ ACCEPTED, QUARANTINED, PENDING, LOST = "accepted", "quarantined", "pending", "lo
 LOGGER = logging.getLogger("visionops.ingest")
 
 
+class ProjectFolderError(LandingError):
+    """A folder of the project the ingest reads or writes (`.visionops/`, its staging,
+    the data folder and its class folders, the quarantine) is a symbolic link or not a
+    folder: it is never followed. (A LandingError, so whoever reports those reports it.)"""
+
+
 class IngestBusy(RuntimeError):
     """Another ingest into this project, or from this landing area, held its lock for
     longer than the timeout."""
@@ -108,11 +118,16 @@ class IngestResult:
 def ingest(source: str, params: Params, push: bool = True,
            lock_timeout: float = LOCK_TIMEOUT_S) -> IngestResult:
     landing = open_landing(source)
-    with ingest_lock(params.root / WORK / "ingest.lock", lock_timeout), \
+    work = _real_folder(params.root / WORK, create=0o777)  # the umask narrows it
+    if (work / "ingest.lock").is_symlink():
+        raise ProjectFolderError(f"{work / 'ingest.lock'}: is a symbolic link; the ingest "
+                                 "lock is never taken through one")
+    with ingest_lock(work / "ingest.lock", lock_timeout), \
             landing_lock(landing.url, lock_timeout):
+        _check_project_folders(params)
         _clean_dead_ingests(params)
         batch = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-        staging = params.root / WORK / "staging" / batch
+        staging = _real_folder(work / "staging", create=0o700) / batch
         try:
             return _ingest_batch(landing, str(source), params, batch, staging, push)
         finally:
@@ -193,9 +208,15 @@ def _accept(landing, params: Params, batch: str, staging: Path, plan: BatchPlan,
         if name is None or _sha256(params.data_dir / name) != sha256:
             result.pending[key] = "not found in data/ after the copy; taken by the next run"
             continue
-        landing.mark(files[key], {"status": ACCEPTED, "batch": batch,
-                                  "data_version": version.md5, "label": label,
-                                  "sha256": sha256, "path": name})
+        try:
+            landing.mark(files[key], {"status": ACCEPTED, "batch": batch,
+                                      "data_version": version.md5, "label": label,
+                                      "sha256": sha256, "path": name})
+        except (OSError, LandingError) as exc:
+            result.pending[key] = (f"in data/ as {name}, but its marker could not be "
+                                   f"written: {exc}; taken by the next run")
+            LOGGER.warning("%s: %s", landing.describe(files[key]), result.pending[key])
+            continue
         (result.accepted if key in copied else result.already_present).append(key)
 
 
@@ -245,19 +266,68 @@ def landing_lock_path(url: str) -> Path:
     return Path.home() / ".cache" / "visionops" / f"ingest-{key_digest(url)[:16]}.lock"
 
 
+def _real_folder(path: Path, create: int | None = None) -> Path:
+    """`path`, refused when it is a symbolic link or not a folder (it is never followed);
+    with `create`, made with that mode when missing (its parent must exist) and set to
+    it when it is private (0o700). Missing and not to be created: returned unchecked."""
+    if create is not None:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=create)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if create is None:
+            return path
+        raise
+    except OSError as exc:
+        if path.is_symlink():
+            raise ProjectFolderError(f"{path}: is a symbolic link (to {os.readlink(path)}); "
+                                     "the ingest never reads or writes through one") from exc
+        if path.exists() and not path.is_dir():
+            raise ProjectFolderError(f"{path}: is not a folder") from exc
+        raise
+    try:
+        if create == 0o700:
+            os.fchmod(fd, create)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _configured_folder(root: Path, configured: Path) -> list[Path]:
+    """The levels of a folder params name that the project owns: every level below the
+    project for a relative path, the folder itself for an absolute one."""
+    if configured.is_absolute():
+        return [configured]
+    return [root.joinpath(*configured.parts[:depth])
+            for depth in range(1, len(configured.parts) + 1)]
+
+
+def _check_project_folders(params: Params) -> None:
+    """Refuse, before anything is read or written, a data folder, class folder or
+    quarantine folder that is a symbolic link: the ingest would write through it."""
+    for level in [*_configured_folder(params.root, params.data.path),
+                  *_configured_folder(params.root, params.ingest.quarantine_dir)]:
+        _real_folder(level)
+    data = params.root / params.data.path
+    if data.is_dir():
+        for entry in os.scandir(data):
+            if entry.is_symlink():
+                _real_folder(Path(entry.path))
+
+
 def _clean_dead_ingests(params: Params) -> None:
     """Under the lock no other ingest runs: every staging folder and partial copy left
     is from a dead one."""
-    shutil.rmtree(params.root / WORK / "staging", ignore_errors=True)
+    shutil.rmtree(_real_folder(params.root / WORK / "staging"), ignore_errors=True)
     if params.data_dir.is_dir():
         for partial in params.data_dir.glob(f"*/*{PARTIAL_SUFFIX}"):
             partial.unlink()
 
 
 def _private_folder(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
+    """`path` as a folder only its owner reads, created when missing; never a link."""
+    return _real_folder(path, create=0o700)
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
@@ -282,13 +352,14 @@ def _quarantine(params: Params, batch: str, staging: Path, landing,
     One file's error never stops the others: a copy or reason file that cannot be written
     adds the error to its reasons; a marker that cannot be written leaves the file
     pending. Returns the folder and the files left pending (key -> why)."""
-    root = _private_folder(params.root / params.ingest.quarantine_dir)
-    folder = _private_folder(root / batch)
+    quarantine = params.root / params.ingest.quarantine_dir
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    folder = _private_folder(_private_folder(quarantine) / batch)
     unmarked: dict[str, str] = {}
     for file in files:
         try:
             _keep(folder, staging, file.key, reasons[file.key])
-        except OSError as exc:
+        except (OSError, LandingError) as exc:
             reasons[file.key].append(f"its copy or reason file could not be written in "
                                      f"{folder}: {exc}")
             LOGGER.warning("%s: %s", landing.describe(file), reasons[file.key][-1])
@@ -306,8 +377,10 @@ def _keep(folder: Path, staging: Path, key: str, reasons: list[str]) -> None:
     copy, reason = quarantine_names(key)
     if copy is not None and (staging / copy).is_file():
         _private_folder((folder / copy).parent)
-        shutil.copyfile(staging / copy, folder / copy)
-        os.chmod(folder / copy, 0o600)
+        fd = os.open(folder / copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600)
+        with open(staging / copy, "rb") as staged, os.fdopen(fd, "wb") as kept:
+            shutil.copyfileobj(staged, kept)
     reason_file = folder / reason
     _private_folder(reason_file.parent)
     fd = os.open(reason_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

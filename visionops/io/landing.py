@@ -16,6 +16,7 @@ the repository.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -170,6 +171,22 @@ def _write_private(target: Path, chunks: Iterator[bytes], max_bytes: int) -> Non
             out.write(chunk)
 
 
+def _open_folder(name: str, folder_fd: int) -> int:
+    """A descriptor of the folder `name` in `folder_fd`; ELOOP when it is a link (Linux
+    says ENOTDIR for a link to a folder)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
+def _read_marker(path: Path) -> dict:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as marker:
+        return json.loads(marker.read())
+
+
 class LocalLanding:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -193,38 +210,69 @@ class LocalLanding:
     def list(self) -> list[LandingFile]:
         self._own_folder("handled")
         files: list[LandingFile] = []
-        self._walk("", files)
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._walk(root_fd, "", files)
+        finally:
+            os.close(root_fd)
         return sorted(files, key=lambda f: f.key)
 
-    def _walk(self, folder: str, files: list[LandingFile]) -> None:
-        with os.scandir(self.root / folder) as entries:
+    def _walk(self, folder_fd: int, folder: str, files: list[LandingFile]) -> None:
+        """List the folder open as `folder_fd`, descending only into real folders."""
+        with os.scandir(folder_fd) as entries:
             for entry in entries:
                 key = f"{folder}/{entry.name}" if folder else entry.name
                 if key == OWN_FOLDER:
                     continue
                 info = entry.stat(follow_symlinks=False)
                 problem = None
-                if entry.is_symlink():
-                    problem = (f"a symbolic link (to {os.readlink(entry.path)}); links are "
-                               "never followed")
+                if stat.S_ISLNK(info.st_mode):
+                    target = os.readlink(entry.name, dir_fd=folder_fd)
+                    problem = f"a symbolic link (to {target}); links are never followed"
                 elif stat.S_ISDIR(info.st_mode):
-                    self._walk(key, files)
-                    continue
+                    try:
+                        inner = _open_folder(entry.name, folder_fd)
+                    except OSError as exc:  # swapped for a link since it was listed
+                        problem = f"cannot be opened without following a link: {exc.strerror}"
+                    else:
+                        try:
+                            self._walk(inner, key, files)
+                        finally:
+                            os.close(inner)
+                        continue
                 elif not stat.S_ISREG(info.st_mode):
                     problem = "not a regular file"
                 files.append(LandingFile(key, f"{info.st_size}-{info.st_mtime_ns}",
                                          info.st_size, problem))
 
+    def _descend(self, folders: tuple[str, ...] | list[str], create: bool = False) -> int:
+        """A descriptor of the folder `folders` below the area, reached without following
+        a link at any level (created when missing with `create`). An error names the
+        level that failed."""
+        folder_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        path = self.root
+        try:
+            for folder in folders:
+                path = path / folder
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(folder, dir_fd=folder_fd)
+                try:
+                    inner = _open_folder(folder, folder_fd)
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror, str(path)) from exc
+                os.close(folder_fd)
+                folder_fd = inner
+        except BaseException:
+            os.close(folder_fd)
+            raise
+        return folder_fd
+
     def _open(self, key: str) -> int:
         """A read descriptor of the file, opened without following a link at any level."""
         *folders, name = key.split("/")
-        folder_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        folder_fd = self._descend(folders)
         try:
-            for folder in folders:
-                inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                dir_fd=folder_fd)
-                os.close(folder_fd)
-                folder_fd = inner
             return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
         finally:
             os.close(folder_fd)
@@ -236,8 +284,8 @@ class LocalLanding:
             raise FileChanged(f"{self.describe(file)}: gone since it was listed") from exc
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a level became a symbolic link
-                raise FileRefused("cannot be opened without following a link: "
-                                  f"{exc.strerror}") from exc
+                raise FileRefused(f"{exc.filename}: cannot be opened without following a "
+                                  f"link ({exc.strerror})") from exc
             raise FileRefused(f"cannot be opened: {exc.strerror}") from exc
         with os.fdopen(fd, "rb") as source:
             info = os.fstat(source.fileno())
@@ -256,12 +304,12 @@ class LocalLanding:
             for name in names:
                 path = Path(parent) / name
                 relative = path.relative_to(self.root).as_posix()
-                if path.is_symlink():
+                if path.is_symlink():  # not a marker this area wrote
                     continue
                 if parsed := parse_marker(relative):
-                    found[parsed] = json.loads(path.read_text())
+                    found[parsed] = _read_marker(path)
                 elif hashed := hashed_marker(relative):
-                    record = json.loads(path.read_text())
+                    record = _read_marker(path)
                     if key := named_key(hashed[0], record):
                         found[(key, hashed[1])] = record
         return found
@@ -270,21 +318,25 @@ class LocalLanding:
         return set(self.markers())
 
     def mark(self, file: LandingFile, record: dict) -> None:
-        self._own_folder("handled")
-        relative = marker_key(file)
-        path = self.root / relative
-        folder = self.root
-        for part in PurePosixPath(relative).parent.parts:
-            folder = folder / part
-            if folder.is_symlink():
-                raise LandingError(f"{folder}: is a symbolic link; markers are never written "
-                                   "through one")
-            folder.mkdir(exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps({**record, "key": file.key}))
-        os.replace(temporary, path)
+        """Write the marker through folders opened one level at a time, never through a
+        link: a linked level is refused with its path."""
+        relative = PurePosixPath(marker_key(file))
+        try:
+            folder_fd = self._descend(relative.parent.parts, create=True)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LandingError(f"{exc.filename}: is a symbolic link; markers are never "
+                                   "written through one") from exc
+            raise
+        try:
+            temporary = f".{relative.name}.{os.getpid()}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                         0o644, dir_fd=folder_fd)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps({**record, "key": file.key}))
+            os.replace(temporary, relative.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 class S3Landing:
