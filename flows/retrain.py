@@ -544,6 +544,6 @@ def retrain(params_path: str = DEFAULT_PARAMS, data_dir: str | None = None) -> d
         commit = git_commit(params.root)
         mlflow.set_tags({"git_commit": commit, "data_dir": str(data),
                          "prefect_flow_run_id": str(flow_run.get_id())})
-        mlflow.log_params(params.flat())
+        mlflow.log_params(params.loggable())
         return Retrain(params, data, bool(data_dir), Path(scratch), run.info.run_id,
                        experiment_id, commit).run(cleanup)

@@ -10,4 +10,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # 22 s here, so the first retrain failed.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Loading a model never unpickles (MLflow's default is to): forced, not defaulted, so that
+# an exported `true` cannot turn it back on. See visionops.core.model_safety.
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
 __version__ = "0.1.0"

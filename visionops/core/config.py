@@ -10,6 +10,7 @@ import re
 import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -292,6 +293,44 @@ class Params(_Section):
             return flat
 
         return flatten("", self.model_dump(mode="json"))
+
+    def loggable(self) -> dict[str, str]:
+        """`flat()` less every param that may carry a secret (see `may_carry_secret`):
+        what may be logged to MLflow, where anyone who can read the run sees it."""
+        return {key: value for key, value in self.flat().items()
+                if not may_carry_secret(key, value)}
+
+
+SECRET_SECTIONS = ("notify",)  # a webhook URL is its own credential
+SECRET_NAME_PARTS = ("token", "secret", "password", "credential", "webhook")
+SECRET_QUERY_PARTS = ("token", "secret", "passw", "signature", "credential", "auth", "key")
+SECRET_QUERY_NAMES = ("sig", "pwd")
+WEBHOOK_HOSTS = ("hooks.slack.com", "discord.com", "discordapp.com", "hooks.zapier.com",
+                 "webhook.office.com", "outlook.office.com", "chat.googleapis.com",
+                 "api.telegram.org")
+
+
+def may_carry_secret(key: str, value: str) -> bool:
+    """True for a param (`section.name` -> its text) that may hold a credential: the
+    `notify` section, a name that says so, or a URL with a user or password, a query
+    parameter such as token, key, signature or password, or a webhook's host or path."""
+    if key.split(".")[0] in SECRET_SECTIONS or \
+            any(part in key.rsplit(".", 1)[-1].lower() for part in SECRET_NAME_PARTS):
+        return True
+    try:
+        url = urlsplit(value.strip())
+        user, password, host = url.username, url.password, (url.hostname or "")
+    except ValueError:  # not a URL Python can parse (an odd port, brackets): keep it out
+        return "://" in value
+    if not url.scheme or not url.netloc:
+        return False
+    query_names = [name.lower() for name, _ in parse_qsl(url.query, keep_blank_values=True)]
+    return bool(
+        user or password
+        or any(part in name for name in query_names for part in SECRET_QUERY_PARTS)
+        or any(name in SECRET_QUERY_NAMES for name in query_names)
+        or any(host == known or host.endswith("." + known) for known in WEBHOOK_HOSTS)
+        or "webhook" in url.path.lower() or "/hooks/" in url.path.lower())
 
 
 def _describe(error: ValidationError) -> str:

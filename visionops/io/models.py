@@ -1,6 +1,9 @@
 """Models in the MLflow registry: the one way to load a registered version
 (`load_registered_version`), registering one, proving it serves from a fresh process,
-and exporting a version promoted by hand (visionops.io.exports)."""
+and exporting a version promoted by hand (visionops.io.exports).
+
+Every load first checks the downloaded files (visionops.core.model_safety) and refuses a
+version that carries a pickle or code, and runs with MLflow's pickle loading off."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
 from visionops.core.config import Params
+from visionops.core.model_safety import UnsafeModelFiles, refuse_unsafe_model
 from visionops.core.pipeline import (
     INPUT_CONTRACT_TAG,
     UNIT_FLOAT,
@@ -30,17 +34,29 @@ from visionops.core.pipeline import (
 from visionops.io.exports import ExportReport, log_exports
 from visionops.io.registry import CHAMPION, Registry, RegistryError
 
+# MLflow unpickles a model's custom objects unless this is false (its default is true).
+NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+
+
+class UnsafeModelError(RegistryError, ValueError):
+    """A registered version refused before loading: its files could run code."""
+
+
 # Imports first, then waits for one request: a JSON line naming the model URI and the
 # input and output .npy files. Started ahead (see FreshProcess), its seconds of imports
-# overlap the flow's own work.
+# overlap the flow's own work. The version is downloaded and its files checked before
+# MLflow loads it from that folder.
 SERVE_IN_FRESH_PROCESS = r"""
 import json
 import os
 import sys
+from pathlib import Path
 os.nice(19)  # its imports take the CPU that training and the flow leave idle
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 import mlflow
 import numpy as np
 import tensorflow
+from visionops.core.model_safety import UnsafeModelFiles, refuse_unsafe_model
 mlflow.set_tracking_uri(sys.argv[1])
 mlflow.search_experiments(max_results=1)  # connects the stores: imports, SQLite schema check
 mlflow.search_registered_models(max_results=1)
@@ -52,8 +68,15 @@ try:
     os.setpriority(os.PRIO_PROCESS, 0, 0)  # asked: back to normal where allowed (root)
 except PermissionError:
     pass
+folder = Path(request["outputs"]).parent / "model"
+folder.mkdir()
+local = mlflow.artifacts.download_artifacts(request["model_uri"], dst_path=str(folder))
+try:
+    refuse_unsafe_model(Path(local), request["model_uri"])
+except UnsafeModelFiles as exc:
+    sys.exit(str(exc))
 # No requirements check: this process runs in the environment that logged the model.
-model = mlflow.pyfunc.load_model(request["model_uri"], suppress_warnings=True)
+model = mlflow.pyfunc.load_model(local, suppress_warnings=True)
 np.save(request["outputs"], np.asarray(model.predict(np.load(request["inputs"]))))
 os._exit(0)  # answered: skip the seconds of TensorFlow's teardown the caller waits for
 """
@@ -89,7 +112,7 @@ class FreshProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVE_IN_FRESH_PROCESS, tracking_uri],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **NO_PICKLES},
             preexec_fn=(functools.partial(_die_with_parent, os.getpid())
                         if _PRCTL is not None else None))
 
@@ -199,7 +222,9 @@ def load_champion(params: Params) -> LoadedVersion:
 
 def load_registered_version(params: Params, version: str | int) -> LoadedVersion:
     """The Keras model of one registered version and the class names it predicts, read
-    from params' tracking URI, whatever MLflow's process-wide default is."""
+    from params' tracking URI, whatever MLflow's process-wide default is. An
+    UnsafeModelError, naming the version and its files, for a version that carries a
+    pickle or code: nothing of it is then loaded."""
     import mlflow
 
     registry = Registry(params)
@@ -211,7 +236,12 @@ def load_registered_version(params: Params, version: str | int) -> LoadedVersion
     with tempfile.TemporaryDirectory() as scratch:
         local = mlflow.artifacts.download_artifacts(files, dst_path=scratch,
                                                     tracking_uri=params.tracking_uri)
-        model = mlflow.tensorflow.load_model(local)
+        try:
+            refuse_unsafe_model(Path(local), f"v{model_version.version} of {model_version.name}")
+        except UnsafeModelFiles as exc:
+            raise UnsafeModelError(str(exc)) from exc
+        os.environ.update(NO_PICKLES)
+        model = mlflow.tensorflow.load_model(local, keras_model_kwargs={"safe_mode": True})
     class_names = model_version.tags.get("class_names")
     return LoadedVersion(model, json.loads(class_names) if class_names else None,
                          str(model_version.version),

@@ -64,12 +64,12 @@ def train(params: Params) -> None:
 
 
 def evaluate(params: Params) -> None:
-    import keras
-
     from visionops.core.metrics import evaluate_model, plot_confusion_matrix
+    from visionops.core.model_safety import load_keras_file
 
+    # checked first: reports/model.keras may come from the DVC remote (`dvc pull`)
+    model = load_keras_file(_out(params, "model.keras"))
     prepared = _prepared(params)
-    model = keras.models.load_model(_out(params, "model.keras"))
     evaluation = evaluate_model(model, params.data_dir, prepared.test.paths, prepared.test.y,
                                 prepared.class_names)
     _out(params, "metrics.json").write_text(json.dumps(evaluation.metrics, indent=2))
