@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # modules, by the last part of their dotted name, that only an extra's install needs
-MODULES_OF_EXTRA = {"stack": {"stack"}}
+MODULES_OF_EXTRA = {"stack": {"stack", "objectstore"}}
 # TensorFlow's CPU or CUDA build: exactly one of these extras is installed
 # (tool.uv.conflicts), so any module may import what they declare.
 ONE_OF_EXTRAS = ("cpu", "gpu")

@@ -1,18 +1,37 @@
 """infra/ describes what runs for real elsewhere: the Kubernetes deployment declares the
 same flow as the process-pool one that the deployment tests run, and the container and
-Kubernetes descriptions of the team stack declare what `visionops stack up` runs."""
+Kubernetes descriptions of the team stack declare what `visionops stack up` runs, with
+nothing reachable, connecting or starting that should not (a loopback bind, a preflight
+that refuses example secrets, a PostgreSQL role and an S3 identity per service, Prefect's
+auth, CSRF and CORS, no unpickling)."""
 
 from __future__ import annotations
 
 import configparser
 import importlib.machinery
+import json
 import os
+import pwd
 import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import textwrap
+import time
+import tomllib
+import types
+import urllib.error
+import urllib.request
+from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 import yaml
 from projects import REPO
@@ -48,26 +67,38 @@ def test_kubernetes_deployment_matches_the_process_pool_one():
 
 # -- the team stack in containers (infra/compose.yaml) and on Kubernetes ---------------
 # These files are not run here (no Docker engine, no cluster): they are checked against
-# what `visionops stack up` (visionops/ops/stack.py) runs for real, read from its code.
+# what `visionops stack up` (visionops/ops/stack.py) runs for real, read from its code,
+# and their scripts (preflight, PostgreSQL init, the object store's and MLflow's
+# entrypoints) are run here for real.
 
 INFRA = REPO / "infra"
 # the compose service for each part of the local stack, and the port key it publishes
 COMPOSE_SERVICE = {"s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect-server",
                    "prefect-worker": "prefect-worker"}
 PORT_KEY = {"s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect"}
-# one-shot jobs doing what `stack up` does between starts: buckets, then MLflow users
-ONE_SHOT = {"buckets", "mlflow-users"}
-# On Kubernetes the MLflow server's database URLs carry no password; libpq reads this.
+# one-shot jobs: the secrets check before anything, then what `stack up` does between
+# starts: buckets, then MLflow users
+ONE_SHOT = {"preflight", "buckets", "mlflow-users"}
+BIND_VARIABLE = "VISIONOPS_BIND_ADDRESS"
+# The entrypoint writes the auth ini's database_uri from it (MLflow reads that from the ini).
+COMPOSE_MLFLOW_EXTRA_ENV = {"AUTH_DATABASE_URI"}
+# On Kubernetes the database URLs carry no password: libpq and asyncpg read PGPASSWORD.
 KUBERNETES_MLFLOW_EXTRA_ENV = {"PGPASSWORD"}
-DUMMY_SECRETS = {"mlflow_admin": "admin-pw", "mlflow_writer": "writer-pw",
-                 "mlflow_reviewer": "reviewer-pw", "s3_access_key": "access",
-                 "s3_secret_key": "secret", "flask_secret_key": "flask"}
+# On Kubernetes the Prefect auth string is built from the Secret's password: $(VAR).
+KUBERNETES_WORKER_EXTRA_ENV = {"VISIONOPS_PREFECT_AUTH_PASSWORD"}
+# Who may do what on which bucket: the object store's identities (compose's s3 service).
+S3_IDENTITY_BUCKETS = {"admin": None, "mlflow-server": {"mlflow"}, "writer": {"dvc", "landing"},
+                       "reviewer": {"mlflow", "dvc", "landing"}}
+S3_IDENTITY_ACTIONS = {"mlflow-server": {"Read", "Write", "List", "Tagging"},
+                       "writer": {"Read", "Write", "List", "Tagging"},
+                       "reviewer": {"Read", "List"}}
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
+K8S_REFERENCE = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 def _stack(state_dir: Path) -> Stack:
     return Stack(project=Path("."), state_dir=state_dir, ports=dict(DEFAULT_PORTS),
-                 secrets=dict(DUMMY_SECRETS))
+                 secrets=defaultdict(lambda: "dummy-secret"))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +117,14 @@ def _env_example() -> dict[str, str]:
     lines = (INFRA / ".env.example").read_text().splitlines()
     pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _secret(name: str) -> bool:
+    return name.endswith(("PASSWORD", "KEY"))
+
+
+def _secret_names() -> set[str]:
+    return {name for name in _env_example() if _secret(name)}
 
 
 def _interpolate(value, variables: dict[str, str]):
@@ -114,9 +153,15 @@ def compose_text() -> str:
 
 
 @pytest.fixture(scope="module")
-def compose(compose_text) -> dict:
+def raw_compose(compose_text) -> dict:
+    """infra/compose.yaml before interpolation."""
+    return yaml.safe_load(compose_text)
+
+
+@pytest.fixture(scope="module")
+def compose(raw_compose) -> dict:
     """infra/compose.yaml as Compose sees it with infra/.env.example's values."""
-    return _interpolate(yaml.safe_load(compose_text), _env_example())
+    return _interpolate(raw_compose, _env_example())
 
 
 def _env(service: dict) -> dict[str, str]:
@@ -163,6 +208,22 @@ def _netloc(url: str) -> str:
     return urlsplit(url).netloc
 
 
+def _strings(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_compose_has_a_service_for_each_part_of_the_local_stack(compose):
     expected = {COMPOSE_SERVICE[name] for name in SERVICES} | {"postgres"} | ONE_SHOT
     assert set(compose["services"]) == expected
@@ -175,6 +236,33 @@ def test_compose_publishes_the_local_stack_ports(compose):
                  if service.get("ports")}
     expected = {name: DEFAULT_PORTS[key] for name, key in PORT_KEY.items()} | {"postgres": 5432}
     assert published == {name: {port: port} for name, port in expected.items()}
+
+
+def test_published_ports_bind_loopback_unless_told_otherwise(raw_compose):
+    """Every published port names its host address: 127.0.0.1, or the bind variable whose
+    default (and .env.example's value) is 127.0.0.1. Nothing else is reachable from the
+    host: no `expose`, no host networking."""
+    for name, service in raw_compose["services"].items():
+        assert "expose" not in service and service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            address, _, _ = str(port).rsplit(":", 2)
+            assert address in ("127.0.0.1", f"${{{BIND_VARIABLE}:-127.0.0.1}}"), (name, port)
+            assert _interpolate(address, {}) == "127.0.0.1"
+    assert _env_example()[BIND_VARIABLE] == "127.0.0.1"
+    assert raw_compose["services"]["postgres"]["ports"] == ["127.0.0.1:5432:5432"]
+
+
+def test_object_store_publishes_its_s3_port_only_and_binds_the_rest_to_loopback(compose):
+    """Of `weed`'s ports (master 9333, volume 8080, filer 8888, their gRPC ports) only S3
+    is published; inside the container everything but S3 listens on loopback."""
+    service = compose["services"]["s3"]
+    assert _published(service) == {DEFAULT_PORTS["s3"]: DEFAULT_PORTS["s3"]}
+    command = service["command"]
+    binds = [part for part in command if part.startswith(("-ip=", "-ip.bind="))]
+    assert binds == ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    assert "-s3.ip.bind=0.0.0.0" in command   # the other containers' one way in
+    assert f"-s3.port={DEFAULT_PORTS['s3']}" in command
+    assert not any(part.startswith("-s3.config") for part in command)   # the entrypoint's
 
 
 def test_each_service_with_a_port_has_a_healthcheck_and_dependents_wait_for_it(compose):
@@ -194,7 +282,238 @@ def test_each_service_with_a_port_has_a_healthcheck_and_dependents_wait_for_it(c
         assert f"127.0.0.1:{port}/" in " ".join(services[name]["healthcheck"]["test"]), name
     assert "/health'" in " ".join(services["mlflow"]["healthcheck"]["test"])
     assert "/api/health'" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+    assert "/healthz'" in " ".join(services["s3"]["healthcheck"]["test"])
 
+
+def test_every_service_waits_for_the_preflight(compose):
+    for name, service in compose["services"].items():
+        if name != "preflight":
+            assert service["depends_on"]["preflight"] == {
+                "condition": "service_completed_successfully"}, name
+
+
+# -- preflight: start-up refuses the example's secrets ---------------------------------
+
+def _preflight_script(compose) -> str:
+    service = compose["services"]["preflight"]
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = service["command"]
+    return script
+
+
+def _run_preflight(script: str, variables: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/sh", "-c", script], env={"PATH": os.environ["PATH"],
+                                                          **variables},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_preflight_is_given_every_secret(raw_compose):
+    env = raw_compose["services"]["preflight"]["environment"]
+    assert set(env) == _secret_names()
+    for name, value in env.items():
+        assert value.startswith(f"${{{name}:?"), name
+
+
+def test_preflight_refuses_each_change_me_value_by_name(compose):
+    script, example = _preflight_script(compose), _env_example()
+    as_shipped = _run_preflight(script, _env(compose["services"]["preflight"]))
+    assert as_shipped.returncode == 1
+    refused = re.findall(r"^preflight: (\w+) is still a change-me value", as_shipped.stderr,
+                         flags=re.MULTILINE)
+    assert sorted(refused) == sorted(_secret_names())
+
+    good = {name: secrets.token_hex(16) for name in _secret_names()}
+    passed = _run_preflight(script, good)
+    assert (passed.returncode, passed.stdout, passed.stderr) == (0, "", "")
+
+    name = "VISIONOPS_POSTGRES_MLFLOW_PASSWORD"
+    for value, reason in ((example[name], "is still a change-me value"),
+                          ("Change-Me-" + secrets.token_hex(8), "is still a change-me value"),
+                          ("pw@attacker.example/db", "may hold only letters, digits"),
+                          ("pw with spaces " + secrets.token_hex(4), "may hold only letters"),
+                          ("short-pw", "is shorter than 12 characters"),
+                          ("", "is shorter than 12 characters")):
+        run = _run_preflight(script, {**good, name: value})
+        assert run.returncode == 1, value
+        assert run.stderr.startswith(f"preflight: {name} {reason}"), (value, run.stderr)
+        assert run.stderr.count("preflight:") == 1, run.stderr
+
+
+def test_kubernetes_pods_run_the_preflight_on_every_secret_they_read(raw_compose):
+    """Each Deployment's init container runs compose's preflight script (Kubernetes reads
+    `$$` as `$`, as Compose does) on every key of the Secret its containers read, each
+    as VISIONOPS_<KEY>, the name it has in infra/.env."""
+    (script,) = raw_compose["services"]["preflight"]["command"]
+    assert not K8S_REFERENCE.search(script)   # no $(VAR) for Kubernetes to expand
+    for name, kind in KUBERNETES_DEPLOYMENTS:
+        spec = _manifests(name)["Deployment", kind]["spec"]["template"]["spec"]
+        (init,) = spec["initContainers"]
+        assert init["command"] == ["/bin/sh", "-c", script], name
+        checked = {}
+        for item in init["env"]:
+            key = item["valueFrom"]["secretKeyRef"]["key"]
+            assert item["name"] == "VISIONOPS_" + key.upper().replace("-", "_"), item
+            checked[item["name"]] = key
+        assert set(checked) <= _secret_names(), name
+        assert set(checked.values()) == _secret_keys(_container(_manifests(name)[
+            "Deployment", kind])), name
+
+
+# -- PostgreSQL: a role per service ----------------------------------------------------
+
+INIT_SCRIPT = INFRA / "postgres" / "init-databases.sh"
+
+
+def _database_owners() -> dict[str, str]:
+    sql = INIT_SCRIPT.read_text()
+    return dict(re.findall(r"^CREATE DATABASE (\w+) OWNER (\w+);", sql, flags=re.MULTILINE))
+
+
+def test_init_script_creates_exactly_the_stack_databases(compose):
+    prefix = _stack(Path("/tmp/x")).db_prefix
+    owners = _database_owners()
+    assert sorted(owners) == sorted(f"{prefix}_{name}" for name in DATABASES)
+    assert set(owners.values()) == {f"{prefix}_mlflow", f"{prefix}_prefect"}
+    mounts = [volume.split(":") for volume in compose["services"]["postgres"]["volumes"]]
+    assert ["./postgres/init-databases.sh",
+            "/docker-entrypoint-initdb.d/init-databases.sh", "ro"] in mounts
+    env = _env(compose["services"]["postgres"])
+    for variable in re.findall(r"\$(VISIONOPS_\w+)", INIT_SCRIPT.read_text()):
+        assert env[variable] == _env_example()[variable], variable
+
+
+def _compose_database_urls(compose) -> dict[str, str]:
+    """Every PostgreSQL URL a compose service is given: {service/variable: url}."""
+    return {f"{name}/{key}": value for name, service in compose["services"].items()
+            for key, value in _env(service).items() if value.startswith("postgresql")}
+
+
+def test_no_service_connects_to_postgresql_as_the_superuser(compose, local):
+    owners = _database_owners()
+    urls = _compose_database_urls(compose)
+    assert {_database(url)[1] for url in urls.values()} == set(owners)
+    for where, url in urls.items():
+        parsed = make_url(url)
+        assert parsed.username == owners[parsed.database] != "postgres", where
+        assert parsed.password == _env_example()[
+            f"VISIONOPS_POSTGRES_{parsed.username.removeprefix('visionops_').upper()}_PASSWORD"]
+    mlflow = _env(compose["services"]["mlflow"])
+    assert _database(mlflow["MLFLOW_BACKEND_STORE_URI"]) == _database(
+        local["mlflow"]["env"]["MLFLOW_BACKEND_STORE_URI"])
+    assert _database(mlflow["AUTH_DATABASE_URI"]) == ("postgresql", "visionops_mlflow_auth")
+
+    kubernetes = {}
+    for name, kind in KUBERNETES_DEPLOYMENTS:
+        env = _k8s_env(_container(_manifests(name)["Deployment", kind]))
+        for key, item in env.items():
+            if item.get("value", "").startswith("postgresql"):
+                kubernetes[f"{kind}/{key}"] = (item["value"], env)
+    config = configparser.ConfigParser()
+    config.read_string(_manifests("mlflow.yaml")["ConfigMap", "mlflow-auth"]["data"][
+        "basic_auth.ini"])
+    kubernetes["mlflow-auth"] = (config["mlflow"]["database_uri"], _k8s_env(_container(
+        _manifests("mlflow.yaml")["Deployment", "mlflow"])))
+    assert {_database(url)[1] for url, _ in kubernetes.values()} == set(owners)
+    for where, (url, env) in kubernetes.items():
+        parsed = make_url(url)
+        assert parsed.username == owners[parsed.database] != "postgres", where
+        assert parsed.password is None, where
+        role = parsed.username.removeprefix("visionops_")
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == \
+            f"postgres-{role}-password", where
+
+
+def _postgres_binaries() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of this test's own (initdb, a free port, loopback): its
+    superuser over the socket without a password, everyone else over TCP with one."""
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
+    as_owner = []
+    folder = Path(tempfile.mkdtemp(prefix="visionops-pg-"))
+    if os.geteuid() == 0:   # initdb refuses root
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root with no `postgres` user to run initdb as")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = folder / "data"
+    try:
+        subprocess.run([*as_owner, str(binaries / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth-local=trust", "--auth-host=scram-sha-256", "-N"],
+                       check=True, capture_output=True, timeout=60)
+        subprocess.run([*as_owner, str(binaries / "pg_ctl"), "-D", str(data), "-l",
+                        str(folder / "log"), "-w", "-o",
+                        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True, timeout=60)
+        yield {"socket": str(folder), "port": port}
+    finally:
+        subprocess.run([*as_owner, str(binaries / "pg_ctl"), "-D", str(data), "-m",
+                        "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_init_script_gives_each_service_a_role_that_reaches_only_its_databases(
+        compose, private_postgres):
+    """The init script, run as the postgres image runs it (its environment, the
+    superuser over the socket), on a fresh cluster; then every URL the services are given
+    connects, as a role that is no superuser, to its own databases and to no other."""
+    import psycopg2
+
+    env = _env(compose["services"]["postgres"])
+    subprocess.run(["/bin/sh", str(INIT_SCRIPT)], check=True, capture_output=True, timeout=60,
+                   env={"PATH": os.environ["PATH"], "PGHOST": private_postgres["socket"],
+                        "PGPORT": str(private_postgres["port"]), "POSTGRES_USER": "postgres",
+                        "POSTGRES_DB": "postgres",
+                        **{key: value for key, value in env.items()
+                           if key.startswith("VISIONOPS_")}})
+
+    def connect(url: str, database: str | None = None, password: str | None = None):
+        parsed = make_url(url).set(drivername="postgresql", host="127.0.0.1",
+                                   port=private_postgres["port"])
+        if database:
+            parsed = parsed.set(database=database)
+        if password:
+            parsed = parsed.set(password=password)
+        return psycopg2.connect(parsed.render_as_string(hide_password=False),
+                                connect_timeout=10)
+
+    owners = _database_owners()
+    for where, url in _compose_database_urls(compose).items():
+        role, own = make_url(url).username, make_url(url).database
+        connection = connect(url)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_user, rolsuper, rolcreatedb, rolcreaterole "
+                           "FROM pg_roles WHERE rolname = current_user")
+            assert cursor.fetchone() == (role, False, False, False), where
+            cursor.execute("CREATE TABLE owned_here (id int)")   # it owns the schema too
+            cursor.execute("DROP TABLE owned_here")
+            cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")
+            if role.endswith("_prefect") and cursor.fetchone():   # Prefect's migrations
+                cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        connection.close()
+        for database in [*(name for name, owner in owners.items() if owner != role),
+                         "postgres"]:
+            with pytest.raises(psycopg2.OperationalError, match="CONNECT privilege"):
+                connect(url, database=database)
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            connect(url, password="not-" + make_url(url).password)
+        assert own in owners
+
+
+# -- MLflow ----------------------------------------------------------------------------
 
 def test_compose_mlflow_runs_the_local_stacks_command(compose, local):
     service = compose["services"]["mlflow"]
@@ -206,34 +525,60 @@ def test_compose_mlflow_runs_the_local_stacks_command(compose, local):
     artifacts = options["--artifacts-destination"]
     assert artifacts == stacks["--artifacts-destination"]
     assert artifacts.startswith(f"s3://{BUCKETS['mlflow']}/")
-    backend = options["--backend-store-uri"]
+    assert "--backend-store-uri" not in options   # its password would show in `ps`
+    backend = _env(service)["MLFLOW_BACKEND_STORE_URI"]
     assert backend.startswith("postgresql://")
-    assert _database(backend) == _database(stacks["--backend-store-uri"])
+    assert _database(backend) == _database(local["mlflow"]["env"]["MLFLOW_BACKEND_STORE_URI"])
     assert int(options["--port"]) == DEFAULT_PORTS["mlflow"]
 
 
 def test_compose_mlflow_env_names_are_the_local_servers(compose, local):
     env = _env(compose["services"]["mlflow"])
-    assert set(env) == set(local["mlflow"]["env"])
+    assert set(env) == set(local["mlflow"]["env"]) | COMPOSE_MLFLOW_EXTRA_ENV
     worker = _env(compose["services"]["prefect-worker"])
     assert env["MLFLOW_S3_ENDPOINT_URL"] == worker["AWS_ENDPOINT_URL"]
 
 
+def test_no_secret_is_on_a_command_line(compose):
+    """A container's command line is readable by anyone who can list its processes: no
+    password, key or URL holding one is passed there, in Compose or on Kubernetes."""
+    example = _env_example()
+    values = {example[name] for name in _secret_names()}
+    for name, service in compose["services"].items():
+        for part in [*_strings(service.get("command", [])),
+                     *_strings(service.get("entrypoint", [])),
+                     *_strings(service.get("healthcheck", {}))]:
+            assert not [value for value in values if value in part], name
+            assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", part), (name, part)
+    for manifest, kind in KUBERNETES_DEPLOYMENTS:
+        spec = _manifests(manifest)["Deployment", kind]["spec"]["template"]["spec"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            secret_backed = {item["name"] for item in container.get("env", [])
+                             if "secretKeyRef" in item.get("valueFrom", {})}
+            for part in [*container.get("command", []), *container.get("args", [])]:
+                assert not set(K8S_REFERENCE.findall(part)) & secret_backed, (kind, part)
+                assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", part), (kind, part)
+
+
 def test_compose_mlflow_moves_the_repos_auth_config_to_postgres(compose, local, tmp_path):
     """The entrypoint's shell snippet, run here on the repository's basic_auth.ini, gives
-    what stack.py writes: the same settings, the users database on PostgreSQL."""
+    what stack.py writes: the same settings, the users database on PostgreSQL, in a file
+    only its user can read."""
     service = compose["services"]["mlflow"]
     source, target = next(volume.split(":")[:2] for volume in service["volumes"]
                           if volume.endswith("basic_auth.ini:ro"))
     assert (INFRA / source).resolve() == REPO / "mlflow" / "basic_auth.ini"
-    shell, flag, script, name, auth_url = service["entrypoint"]
+    shell, flag, script, name = service["entrypoint"]
     assert (shell, flag) == ("/bin/sh", "-c")
+    env = _env(service)
+    auth_url = env["AUTH_DATABASE_URI"]
     assert _database(auth_url) == ("postgresql", "visionops_mlflow_auth")
     written = tmp_path / "basic_auth.ini"
-    subprocess.run([shell, flag, script.replace(target, str(INFRA / source)), name, auth_url,
-                    "true"], check=True,
-                   env={"PATH": os.environ["PATH"], "MLFLOW_AUTH_CONFIG_PATH": str(written)})
-    assert _env(service)["MLFLOW_AUTH_CONFIG_PATH"] != target   # the mount is read-only
+    subprocess.run([shell, flag, script.replace(target, str(INFRA / source)), name, "true"],
+                   check=True, env={"PATH": os.environ["PATH"], "AUTH_DATABASE_URI": auth_url,
+                                    "MLFLOW_AUTH_CONFIG_PATH": str(written)})
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] != target   # the mount is read-only
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600   # it holds the role's password
     configs = {}
     texts = {"compose": written.read_text(), "local": local["mlflow"]["auth_config"]}
     for label, text in texts.items():
@@ -254,6 +599,61 @@ def test_compose_mlflow_accepts_the_host_its_clients_use(compose):
         assert _netloc(uri) in allowed, client
 
 
+def test_mlflow_never_unpickles_in_any_container():
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
+    for name in ("mlflow", "mlflow-users", "prefect-worker"):
+        assert compose[name]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    for manifest, kind in (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker")):
+        env = _k8s_env(_container(_manifests(manifest)["Deployment", kind]))
+        assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]["value"] == "false", kind
+    assert _pool_job_env()["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in (INFRA / "Dockerfile").read_text()
+
+
+def test_mlflow_users_job_sets_up_the_stacks_roles(compose, monkeypatch):
+    """The job's script, run here with a recorder in place of visionops/ops/mlflow_roles.py
+    (the functions `stack up` calls): the writer and reviewer are created and given their
+    roles by the admin, then the writer creates the pipeline's experiment and model."""
+    import visionops.ops
+    from visionops.core.config import load_params
+
+    job = compose["services"]["mlflow-users"]
+    python, flag, script = job["command"]
+    assert (python, flag) == ("python", "-c")
+    env = _env(job)
+    assert env["MLFLOW_TRACKING_USERNAME"] == ADMIN
+    assert env["MLFLOW_TRACKING_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_ADMIN_PASSWORD"]
+    calls = []
+
+    def recorder(function: str):
+        return lambda *args: calls.append((function, *args))
+
+    roles = types.ModuleType("visionops.ops.mlflow_roles")
+    for function in ("create_user", "apply_role", "create_writer_resources"):
+        setattr(roles, function, recorder(function))
+    monkeypatch.setitem(sys.modules, roles.__name__, roles)
+    monkeypatch.setattr(visionops.ops, "mlflow_roles", roles, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)   # the image's working directory holds the repository's params
+    exec(compile(script, "mlflow-users", "exec"), {"__name__": "__main__"})
+
+    params = load_params(REPO / "params.yaml")
+    names = (params.mlflow.experiment_name, params.registry.model_name)
+    url, admin = env["MLFLOW_TRACKING_URI"], (ADMIN, env["MLFLOW_TRACKING_PASSWORD"])
+    writer = (USERS["writer"], env["WRITER_PASSWORD"])
+    reviewer = (USERS["reviewer"], env["REVIEWER_PASSWORD"])
+    assert env["WRITER_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_WRITER_PASSWORD"]
+    assert env["REVIEWER_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_REVIEWER_PASSWORD"]
+    assert calls == [("create_user", url, admin, *writer),
+                     ("create_user", url, admin, *reviewer),
+                     ("apply_role", url, admin, writer[0], "writer", *names),
+                     ("apply_role", url, admin, reviewer[0], "reviewer", *names),
+                     ("create_writer_resources", url, writer, *names)]
+
+
+# -- Prefect ---------------------------------------------------------------------------
+
 def test_compose_prefect_server_matches_the_local_one(compose, local):
     service = compose["services"]["prefect-server"]
     stack_argv = local["prefect-server"]["argv"]
@@ -267,6 +667,59 @@ def test_compose_prefect_server_matches_the_local_one(compose, local):
     assert _database(url) == _database(
         local["prefect-server"]["env"]["PREFECT_API_DATABASE_CONNECTION_URL"])
     assert _database(url) == ("postgresql+asyncpg", "visionops_prefect")
+
+
+def test_compose_prefect_api_takes_auth_csrf_and_its_uis_origin_only(compose):
+    server = _env(compose["services"]["prefect-server"])
+    worker = _env(compose["services"]["prefect-worker"])
+    password = _env_example()["VISIONOPS_PREFECT_AUTH_PASSWORD"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == f"visionops:{password}"
+    assert worker["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"]
+    assert server["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    origin = server["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]
+    ui_api = urlsplit(server["PREFECT_UI_API_URL"])
+    assert origin == f"{ui_api.scheme}://{ui_api.netloc}" == _env_example()[
+        "VISIONOPS_PREFECT_UI_ORIGIN"]
+    assert ui_api.path == "/api" and "*" not in origin and "," not in origin
+
+
+def test_prefect_server_with_composes_settings_refuses_what_it_should(compose, tmp_path):
+    """Prefect's own API app, made with the compose server's environment: the
+    healthcheck's GET /api/health answers without credentials, everything else wants the
+    auth string, a state change wants a CSRF token, and a browser on another origin is
+    refused. No database is reached (the app's startup is not run)."""
+    env = {key: value for key, value in _env(compose["services"]["prefect-server"]).items()
+           if key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    probe = textwrap.dedent("""
+        import json, os, warnings
+        warnings.simplefilter("ignore")
+        from prefect.server.api.server import create_app
+        from starlette.testclient import TestClient
+        user, _, password = os.environ["PREFECT_SERVER_API_AUTH_STRING"].partition(":")
+        origin = os.environ["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]
+        client = TestClient(create_app())
+        preflight = {"Access-Control-Request-Method": "POST"}
+        print(json.dumps({
+            "health": client.get("/api/health").status_code,
+            "anonymous": client.get("/api/version").status_code,
+            "wrong": client.get("/api/version", auth=(user, password + "x")).status_code,
+            "right": client.get("/api/version", auth=(user, password)).status_code,
+            "no_csrf": client.post("/api/flows/filter", json={}, auth=(user, password)).status_code,
+            "other_origin": client.options("/api/flows/filter", headers={
+                "Origin": "http://attacker.example", **preflight}).status_code,
+            "ui_origin": client.options("/api/flows/filter", headers={
+                "Origin": origin, **preflight}).headers.get("access-control-allow-origin"),
+        }))
+    """)
+    outside = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-c", probe], env={**outside, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answers == {"health": 200, "anonymous": 401, "wrong": 401, "right": 200,
+                       "no_csrf": 403, "other_origin": 400,
+                       "ui_origin": env["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]}
 
 
 def test_compose_worker_has_the_client_env(compose, local):
@@ -287,16 +740,6 @@ def test_compose_worker_has_the_client_env(compose, local):
         assert (ours.scheme, ours.path) == (stacks.scheme, stacks.path), variable
 
 
-def _strings(value):
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-    elif isinstance(value, str):
-        yield value
-
-
 def test_compose_variables_are_the_env_examples(compose_text):
     values = [text.replace("$$", "") for text in _strings(yaml.safe_load(compose_text))]
     references = [match.groups() for text in values for match in VARIABLE.finditer(text)]
@@ -305,7 +748,7 @@ def test_compose_variables_are_the_env_examples(compose_text):
     # every other $ is escaped for the shell ($$), not left for Compose to interpolate
     assert not [text for text in values if "$" in VARIABLE.sub("", text)]
     for name, operator, _ in references:
-        secret = name.endswith(("PASSWORD", "KEY"))
+        secret = _secret(name)
         assert operator == (":?" if secret else ":-"), name
         if secret:
             assert example[name].startswith("change-me"), name
@@ -325,47 +768,222 @@ def test_compose_named_volumes_are_declared_and_bind_mounts_exist(compose):
     assert {used[volume] for volume in declared} == {"postgres", "s3", "prefect-server"}
 
 
-def test_init_sql_creates_exactly_the_stack_databases(compose):
-    sql = (INFRA / "postgres" / "init-databases.sql").read_text()
-    created = re.findall(r"^CREATE DATABASE (\w+);", sql, flags=re.MULTILINE | re.IGNORECASE)
-    prefix = _stack(Path("/tmp/x")).db_prefix
-    assert sorted(created) == sorted(f"{prefix}_{name}" for name in DATABASES)
-    mounts = [volume.split(":") for volume in compose["services"]["postgres"]["volumes"]]
-    assert ["./postgres/init-databases.sql",
-            "/docker-entrypoint-initdb.d/init-databases.sql", "ro"] in mounts
+# -- the object store ------------------------------------------------------------------
 
-
-def test_buckets_job_creates_the_stack_buckets(compose):
+def test_buckets_job_creates_the_stack_buckets_as_admin(compose):
     job = compose["services"]["buckets"]
     assert set(_env(job)["BUCKETS"].split()) == set(BUCKETS.values())
     assert "for bucket in $BUCKETS;" in job["command"][0]
     assert "create-bucket" in job["command"][0]
     assert _env(job)["AWS_ENDPOINT_URL"] == f"http://s3:{DEFAULT_PORTS['s3']}"
+    assert _env(job)["AWS_ACCESS_KEY_ID"] == _env_example()["VISIONOPS_S3_ADMIN_ACCESS_KEY"]
 
 
-def test_object_store_credentials_come_from_the_environment(compose):
-    s3 = compose["services"]["s3"]
-    assert s3["command"][:2] == ["server", "-s3"]
-    assert not any(part.startswith("-s3.config") for part in s3["command"])
-    assert f"-s3.port={DEFAULT_PORTS['s3']}" in s3["command"]
-    for name in ("s3", "buckets", "mlflow", "prefect-worker"):
+def test_each_object_store_client_has_its_own_keys(compose):
+    """The admin's keys go to the buckets job only; the MLflow server, the worker and
+    people each have an identity of their own."""
+    example = _env_example()
+    holders = {"buckets": "ADMIN", "mlflow": "MLFLOW_SERVER", "prefect-worker": "WRITER"}
+    for name, service in compose["services"].items():
+        env = _env(service)
+        if name in holders:
+            prefix = f"VISIONOPS_S3_{holders[name]}"
+            assert env["AWS_ACCESS_KEY_ID"] == example[f"{prefix}_ACCESS_KEY"], name
+            assert env["AWS_SECRET_ACCESS_KEY"] == example[f"{prefix}_SECRET_KEY"], name
+        else:
+            assert "AWS_ACCESS_KEY_ID" not in env, name
+        if name not in ("buckets", "s3", "preflight"):
+            assert example["VISIONOPS_S3_ADMIN_SECRET_KEY"] not in env.values(), name
+
+
+def _run_object_store_entrypoint(compose, command: list[str], folder: Path,
+                                 **popen) -> subprocess.Popen:
+    """The s3 service's entrypoint, run here with `command` in place of its own: it
+    writes its configuration under `folder` (TMPDIR) and then runs the command."""
+    service = compose["services"]["s3"]
+    python, flag, script = service["entrypoint"]
+    assert (python, flag) == ("python", "-c")
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(folder), **_env(service)}
+    return subprocess.Popen([sys.executable, flag, script, *command], env=env, **popen)
+
+
+def _written_config(arguments: list[str]) -> Path:
+    (config_dir,) = [part.split("=", 1)[1] for part in arguments
+                     if part.startswith("-config_dir=")]
+    (s3_config,) = [part.split("=", 1)[1] for part in arguments
+                    if part.startswith("-s3.config=")]
+    assert Path(s3_config).parent == Path(config_dir)
+    return Path(config_dir)
+
+
+def test_object_store_entrypoint_writes_identities_and_fresh_jwt_keys(compose, tmp_path):
+    """Run here, the entrypoint hands `weed` a private folder holding security.toml (a new
+    JWT key for each HTTP port family and mutual TLS on every gRPC port) and s3.json
+    (each identity's keys from the environment, and only its own actions)."""
+    keys, folders = [], []
+    for _ in range(2):
+        run = _run_object_store_entrypoint(compose, ["echo", "weed"], tmp_path,
+                                           stdout=subprocess.PIPE, text=True)
+        arguments = run.communicate(timeout=60)[0].split()   # echo's, less its own name
+        assert run.returncode == 0
+        assert arguments[0].startswith("-config_dir=") and arguments[1] == "weed"
+        folder = _written_config(arguments)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        folders.append(folder)
+        security = tomllib.loads((folder / "security.toml").read_text())
+        jwt = security["jwt"]
+        keys.append([jwt["signing"]["key"], jwt["signing"]["read"]["key"],
+                     jwt["filer_signing"]["key"], jwt["filer_signing"]["read"]["key"]])
+        assert all(len(key) >= 32 for key in keys[-1]) and len(set(keys[-1])) == 4
+        for component in ("master", "volume", "filer", "s3", "client"):
+            assert Path(security["grpc"][component]["cert"]).parent == folder, component
+        assert Path(security["grpc"]["ca"]).is_file()
+    assert folders[0] != folders[1] and not set(keys[0]) & set(keys[1])   # new every start
+
+    identities = {identity["name"]: identity for identity in json.loads(
+        (folders[-1] / "s3.json").read_text())["identities"]}
+    assert set(identities) == set(S3_IDENTITY_BUCKETS)
+    example = _env_example()
+    for name, identity in identities.items():
+        prefix = "VISIONOPS_S3_" + name.upper().replace("-", "_")
+        assert identity["credentials"] == [{"accessKey": example[f"{prefix}_ACCESS_KEY"],
+                                            "secretKey": example[f"{prefix}_SECRET_KEY"]}]
+    assert "Admin" in identities["admin"]["actions"]
+    for name, actions in S3_IDENTITY_ACTIONS.items():
+        granted = [action.split(":") for action in identities[name]["actions"]]
+        assert all(len(pair) == 2 for pair in granted), name   # every action names a bucket
+        assert {action for action, _ in granted} == actions, name
+        assert {bucket for _, bucket in granted} == {BUCKETS[key] for key in
+                                                     S3_IDENTITY_BUCKETS[name]}, name
+
+
+def _listening(pid: int) -> dict[int, str]:
+    return {connection.laddr.port: connection.laddr.ip
+            for connection in psutil.Process(pid).net_connections(kind="inet")
+            if connection.status == psutil.CONN_LISTEN}
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """`weed` can hang in its graceful shutdown: SIGTERM, then SIGKILL."""
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=1)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_object_store_as_compose_runs_it_refuses_what_each_identity_may_not_do(
+        compose, tmp_path):
+    """compose's s3 service run here (its entrypoint and `weed` command; the data folder
+    and the ports moved): only S3 (HTTP and gRPC) listens beyond loopback; the filer's
+    HTTP port wants a JWT, S3's gRPC port a client certificate; and each identity may do
+    what it needs, and no more."""
+    import boto3
+    import grpc
+    from botocore.exceptions import ClientError
+
+    ports = {name: _free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc")}
+    data = tmp_path / "data"
+    data.mkdir()
+    command = [part.replace("/var/lib/seaweedfs", str(data)) for part in
+               compose["services"]["s3"]["command"]]
+    assert f"-dir={data}" in command
+    command += [f"-{name}={port}" for name, port in ports.items()]
+    log = (tmp_path / "weed.log").open("w")
+    store = _run_object_store_entrypoint(compose, command, tmp_path, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    example = _env_example()
+
+    def client(name: str):
+        prefix = "VISIONOPS_S3_" + name.upper().replace("-", "_")
+        return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                            aws_access_key_id=example[f"{prefix}_ACCESS_KEY"],
+                            aws_secret_access_key=example[f"{prefix}_SECRET_KEY"])
+
+    def refused(call, *args, **kwargs) -> bool:
+        try:
+            call(*args, **kwargs)
+        except ClientError as exc:
+            return exc.response["Error"]["Code"] == "AccessDenied"
+        return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:   # the healthcheck's request, without credentials
+            try:
+                with urllib.request.urlopen(f"{endpoint}/healthz", timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert store.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "weed.log").read_text()[-3000:]
+                time.sleep(0.3)
+
+        listening = _listening(store.pid)
+        assert set(ports.values()) <= set(listening)
+        beyond_loopback = {port for port, address in listening.items()
+                           if not address.startswith("127.")}
+        assert beyond_loopback == {ports["s3.port"], ports["s3.port.grpc"]}
+
+        admin = client("admin")
+        for bucket in BUCKETS.values():
+            admin.create_bucket(Bucket=bucket)
+        mlflow_server, writer, reviewer = (client(name) for name in (
+            "mlflow-server", "writer", "reviewer"))
+        mlflow_server.put_object(Bucket=BUCKETS["mlflow"], Key="artifacts/a", Body=b"model")
+        writer.put_object(Bucket=BUCKETS["dvc"], Key="store/a", Body=b"data")
+        writer.put_object(Bucket=BUCKETS["landing"], Key="new/a", Body=b"photo")
+        assert refused(mlflow_server.put_object, Bucket=BUCKETS["dvc"], Key="x", Body=b"x")
+        assert refused(writer.put_object, Bucket=BUCKETS["mlflow"], Key="x", Body=b"x")
+        assert refused(writer.create_bucket, Bucket="visionops-other")
+        assert refused(writer.delete_bucket, Bucket=BUCKETS["landing"])
+        for bucket, key in ((BUCKETS["mlflow"], "artifacts/a"), (BUCKETS["dvc"], "store/a")):
+            assert reviewer.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert reviewer.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
+            assert refused(reviewer.put_object, Bucket=bucket, Key=key, Body=b"replaced")
+            assert refused(reviewer.delete_object, Bucket=bucket, Key=key)
+
+        # the filer's own HTTP port: a plain PUT once replaced what S3 then served
+        put = urllib.request.Request(
+            f"http://127.0.0.1:{ports['filer.port']}/buckets/{BUCKETS['dvc']}/store/a",
+            data=b"replaced", method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(put, timeout=10)
+        assert answer.value.code == 401
+        assert writer.get_object(Bucket=BUCKETS["dvc"], Key="store/a")["Body"].read() == b"data"
+
+        # S3's gRPC port updates its identities: without the store's certificate no call
+        # arrives (an unprotected store answers INVALID_ARGUMENT to this empty request)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['s3.port.grpc']}") as channel:
+            remove = channel.unary_unary("/messaging_pb.SeaweedS3IamCache/RemoveIdentity")
+            with pytest.raises(grpc.RpcError) as call:
+                remove(b"", timeout=10)
+        assert call.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        _stop_group(store)
+        log.close()
+
+
+def test_mlflow_users_job_and_worker_reach_the_services_by_name(compose):
+    for name in ("mlflow-users", "prefect-worker"):
         env = _env(compose["services"][name])
-        assert env["AWS_ACCESS_KEY_ID"] == _env_example()["VISIONOPS_S3_ACCESS_KEY"], name
-        assert env["AWS_SECRET_ACCESS_KEY"] == _env_example()["VISIONOPS_S3_SECRET_KEY"], name
-
-
-def test_mlflow_users_job_creates_the_stack_users(compose):
-    job = compose["services"]["mlflow-users"]
-    script = job["command"][2]
-    compile(script, "mlflow-users", "exec")
-    for user in USERS.values():
-        assert f'"{user}"' in script
-    env = _env(job)
-    assert env["MLFLOW_TRACKING_USERNAME"] == ADMIN
-    assert env["MLFLOW_TRACKING_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_ADMIN_PASSWORD"]
+        assert urlsplit(env["MLFLOW_TRACKING_URI"]).hostname == "mlflow", name
 
 
 # -- Kubernetes ------------------------------------------------------------------------
+
+KUBERNETES_DEPLOYMENTS = (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker"),
+                          ("prefect-server.yaml", "prefect-server"))
+
 
 def _manifests(name: str) -> dict[tuple[str, str], dict]:
     documents = yaml.safe_load_all((INFRA / "kubernetes" / name).read_text())
@@ -390,6 +1008,26 @@ def _k8s_env(container: dict) -> dict[str, dict]:
     return {item["name"]: item for item in container["env"]}
 
 
+def _k8s_resolved(container: dict, manifests: dict) -> dict[str, str]:
+    """Each variable's value as Kubernetes gives it, `$(VAR)` expanded from the variables
+    defined before it; a Secret's value reads `<secret:key>`."""
+    resolved = {}
+    for item in container["env"]:
+        if "value" in item:
+            value = item["value"]
+            for name in K8S_REFERENCE.findall(value):
+                assert name in resolved, f"{item['name']}: $({name}) is not defined before it"
+                value = value.replace(f"$({name})", resolved[name])
+            resolved[item["name"]] = value
+        elif "secretKeyRef" in item["valueFrom"]:
+            resolved[item["name"]] = f"<secret:{item['valueFrom']['secretKeyRef']['key']}>"
+        else:
+            reference = item["valueFrom"]["configMapKeyRef"]
+            resolved[item["name"]] = manifests["ConfigMap", reference["name"]]["data"][
+                reference["key"]]
+    return resolved
+
+
 def _secret_keys(container: dict) -> set[str]:
     keys = set()
     for item in container["env"]:
@@ -408,16 +1046,21 @@ def _pool_job_env() -> dict[str, str]:
 def test_kubernetes_manifests_have_the_right_kinds():
     mlflow = _manifests("mlflow.yaml")
     worker = _manifests("prefect-worker.yaml")
+    server = _manifests("prefect-server.yaml")
     assert set(mlflow) == {("ConfigMap", "mlflow-auth"), ("Deployment", "mlflow"),
                            ("Service", "mlflow")}
     assert set(worker) == {("ConfigMap", "visionops-prefect"), ("Deployment", "prefect-worker")}
-    for document in [*mlflow.values(), *worker.values()]:
+    assert set(server) == {("ConfigMap", "prefect-server"), ("Deployment", "prefect-server"),
+                           ("Service", "prefect-server")}
+    for document in [*mlflow.values(), *worker.values(), *server.values()]:
         assert document["metadata"]["namespace"] == "visionops"
-    service, deployment = mlflow["Service", "mlflow"], mlflow["Deployment", "mlflow"]
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == _port(_container(deployment), port["targetPort"]) \
-        == DEFAULT_PORTS["mlflow"]
+    for manifests, name, port_key in ((mlflow, "mlflow", "mlflow"),
+                                      (server, "prefect-server", "prefect")):
+        service, deployment = manifests["Service", name], manifests["Deployment", name]
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        (port,) = service["spec"]["ports"]
+        assert port["port"] == _port(_container(deployment), port["targetPort"]) \
+            == DEFAULT_PORTS[port_key]
 
 
 def test_kubernetes_mlflow_matches_the_local_server(local):
@@ -434,14 +1077,18 @@ def test_kubernetes_mlflow_matches_the_local_server(local):
     assert set(stacks) <= set(options)
     for option in ("--app-name", "--artifacts-destination"):
         assert options[option] == stacks[option], option
-    assert _database(options["--backend-store-uri"]) == _database(stacks["--backend-store-uri"])
-    assert make_url(options["--backend-store-uri"]).password is None
+    assert "--backend-store-uri" not in options
+    env = _k8s_env(container)
+    backend = env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert _database(backend) == _database(local["mlflow"]["env"]["MLFLOW_BACKEND_STORE_URI"])
+    assert make_url(backend).password is None
     assert int(options["--port"]) == DEFAULT_PORTS["mlflow"]
 
-    env = _k8s_env(container)
     assert set(env) == set(local["mlflow"]["env"]) | KUBERNETES_MLFLOW_EXTRA_ENV
     assert "PGPASSWORD" in {name for name, item in env.items() if "valueFrom" in item}
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == _pool_job_env()["AWS_ENDPOINT_URL"]
+    assert _secret_keys(container) >= {"s3-mlflow-server-access-key",
+                                       "s3-mlflow-server-secret-key"}
     allowed = options["--allowed-hosts"].split(",")
     assert _netloc(_pool_job_env()["MLFLOW_TRACKING_URI"]) in allowed
     worker = _k8s_env(_container(_manifests("prefect-worker.yaml")["Deployment",
@@ -477,7 +1124,8 @@ def test_kubernetes_worker_has_the_client_env(local):
     assert container["command"][:7] == ["prefect", "worker", "start", "--pool", WORK_POOL,
                                         "--type", "process"]
     env = _k8s_env(container)
-    assert set(local["client_env"]) <= set(env) <= set(local["prefect-worker"]["env"])
+    assert set(local["client_env"]) <= set(env) <= set(
+        local["prefect-worker"]["env"]) | KUBERNETES_WORKER_EXTRA_ENV
     for key, value in CLIENT_HTTP_RETRIES.items():
         assert env[key]["value"] == value
     assert env["MLFLOW_TRACKING_USERNAME"]["value"] == USERS["writer"]
@@ -487,18 +1135,52 @@ def test_kubernetes_worker_has_the_client_env(local):
         f":{DEFAULT_PORTS['prefect']}/api")
     for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
         assert env[name]["value"] == _pool_job_env()[name], name
-    assert _secret_keys(container) >= {"mlflow-writer-password", "s3-access-key",
-                                       "s3-secret-key"}
+    assert _secret_keys(container) == {"mlflow-writer-password", "s3-writer-access-key",
+                                       "s3-writer-secret-key", "prefect-auth-password"}
     check = container["livenessProbe"]["httpGet"]
     assert check["path"] == "/health" and _port(container, check["port"])
     assert "--with-healthcheck" in container["command"]
 
 
+def test_kubernetes_prefect_server_matches_the_local_one(local):
+    manifests = _manifests("prefect-server.yaml")
+    container = _container(manifests["Deployment", "prefect-server"])
+    assert _words(container["command"]) == ["prefect", "server", "start"]
+    assert int(_options(container["command"])["--port"]) == DEFAULT_PORTS["prefect"]
+    for probe in ("readinessProbe", "livenessProbe"):   # answered without the auth string
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/api/health"
+        assert _port(container, check["port"]) == DEFAULT_PORTS["prefect"]
+    env = _k8s_resolved(container, manifests)
+    assert set(local["prefect-server"]["env"]) - {"PREFECT_HOME"} <= set(env)
+    url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert _database(url) == _database(
+        local["prefect-server"]["env"]["PREFECT_API_DATABASE_CONNECTION_URL"])
+
+
+def test_kubernetes_prefect_api_takes_auth_csrf_and_its_uis_origin_only():
+    manifests = _manifests("prefect-server.yaml")
+    server = _k8s_resolved(_container(manifests["Deployment", "prefect-server"]), manifests)
+    worker_manifests = _manifests("prefect-worker.yaml")
+    worker = _k8s_resolved(_container(worker_manifests["Deployment", "prefect-worker"]),
+                           worker_manifests)
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == "visionops:<secret:prefect-auth-password>"
+    assert worker["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"]
+    assert server["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    origin = server["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]
+    parts = urlsplit(origin)
+    assert origin == f"{parts.scheme}://{parts.netloc}" and parts.scheme in ("http", "https")
+    assert server["PREFECT_UI_API_URL"] == f"{origin}/api"
+    assert urlsplit(worker["PREFECT_API_URL"]).port == DEFAULT_PORTS["prefect"]
+
+
 def test_kubernetes_secret_keys_are_documented():
     readme = (INFRA / "README.md").read_text()
-    for name, kind in (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker")):
-        for key in _secret_keys(_container(_manifests(name)["Deployment", kind])):
-            assert f"--from-literal={key}=" in readme, key
+    for name, kind in KUBERNETES_DEPLOYMENTS:
+        spec = _manifests(name)["Deployment", kind]["spec"]["template"]["spec"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            for key in _secret_keys(container):
+                assert f"--from-literal={key}=" in readme, key
 
 
 def test_mlflow_folder_never_shadows_the_mlflow_library():

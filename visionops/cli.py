@@ -179,11 +179,16 @@ def stage(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Run one pipeline stage on files (what `dvc repro` calls; see dvc.yaml)."""
+    from visionops.core.model_safety import UnsafeModelFiles
     from visionops.jobs.stages import STAGES
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}", code=2)
-    if STAGES[name](_load(params_file)) is False:
+    try:
+        finished = STAGES[name](_load(params_file))
+    except UnsafeModelFiles as exc:
+        _fail(str(exc))
+    if finished is False:
         raise typer.Exit(1)
 
 
@@ -411,24 +416,71 @@ def stack_up(
     except StackError as exc:
         _fail(str(exc))
     typer.echo("\n".join([
-        "", "The stack is up. Point a shell (or a CI job) at it with:",
-        f"  eval \"$(visionops stack env --project {project})\"",
+        "", "The stack is up. Run the pipeline by hand (or from CI) as its writer with:",
+        f"  eval \"$(visionops stack env --pipeline --project {project})\"",
         "then `visionops retrain` tracks to MLflow, runs on Prefect and versions data on S3.",
-        f"MLflow UI {stack.mlflow_url} (user {stack.user('reviewer')[0]}, password in "
-        f"{stack.state_file}); Prefect UI {stack.prefect_api_url.removesuffix('/api')}",
+        "Give each person an account of their own: "
+        "`visionops stack user add NAME --role reviewer|promoter`, then "
+        "`visionops stack env --user NAME`.",
+        f"MLflow UI {stack.mlflow_url}; Prefect UI {stack.prefect_api_url.removesuffix('/api')}"
+        f" (its auth string and every password are in {stack.state_file}, mode 600)",
     ]))
 
 
 @stack_app.command("env")
-def stack_env(project: ProjectFolder = Path("."), state_dir: StateFolder = None) -> None:
-    """Print `export` lines for a shell: MLflow, Prefect, S3 and DVC clients use them."""
+def stack_env(
+    project: ProjectFolder = Path("."),
+    state_dir: StateFolder = None,
+    user: Annotated[str | None, typer.Option(
+        help="A person's own account (`stack user add`); default: the stack's reviewer.")]
+    = None,
+    pipeline: Annotated[bool, typer.Option(
+        help="The pipeline's writer account and the Prefect auth string: for running the "
+             "flows by hand or from CI, never for a person's everyday shell.")] = False,
+) -> None:
+    """Print `export` lines for a shell: MLflow, S3 and DVC clients (and, with --pipeline,
+    Prefect) use them."""
     import shlex
+
+    from visionops.ops.stack import StackError
 
     stack = _stack(project, state_dir)
     if not stack.state_file.exists():
         _fail(f"no stack at {stack.state_dir}: run `visionops stack up` first")
-    for key, value in stack.client_env().items():
+    if pipeline and user:
+        _fail("--pipeline and --user name two different accounts: choose one")
+    try:
+        env = stack.client_env() if pipeline else stack.person_env(user)
+    except StackError as exc:
+        _fail(str(exc))
+    for key, value in env.items():
         typer.echo(f"export {key}={shlex.quote(value)}")
+
+
+user_app = typer.Typer(no_args_is_help=True, help="People's own MLflow accounts.")
+stack_app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def stack_user_add(
+    name: Annotated[str, typer.Argument(help="The person's user name on MLflow.")],
+    role: Annotated[str, typer.Option(
+        help="reviewer: reads everything. promoter: reads, and moves the registered "
+             "model's aliases (champion).")] = "reviewer",
+    project: ProjectFolder = Path("."),
+    state_dir: StateFolder = None,
+) -> None:
+    """Create (or change the role of) a person's MLflow account; its password is kept in
+    the stack's state, shown by `stack env --user NAME`."""
+    from visionops.ops.stack import StackError
+
+    stack = _stack(project, state_dir)
+    try:
+        username, _ = stack.add_person(name, role)
+    except StackError as exc:
+        _fail(str(exc))
+    typer.echo(f"{username}: {role} on {stack.mlflow_url}. Their shell: "
+               f"eval \"$(visionops stack env --user {username} --project {project})\"")
 
 
 @stack_app.command("status")
@@ -442,6 +494,9 @@ def stack_status(project: ProjectFolder = Path("."), state_dir: StateFolder = No
         for name, part in status.items():
             state = "up" if part["healthy"] else ("starting" if part["running"] else "down")
             typer.echo(f"{name:<15} {state:<9} pid {part['pid'] or '-':<8} {part['url'] or ''}")
+            if part.get("not_ours"):
+                typer.echo(f"{'':<15} pid {part['not_ours']} is another process now, not the "
+                           "one the stack started")
     if not all(part["healthy"] for part in status.values()):
         raise typer.Exit(1)
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from projects import make_project, write_params
+from projects import prefect_session, write_params
 
-from visionops.ops import processes
 from visionops.ops.stack import BUCKETS, SERVICES, Stack
 
 BIN = Path(sys.executable).parent
@@ -53,29 +52,8 @@ def _champion(stack: Stack) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The whole stack on free ports and databases of its own, purged afterwards; every
-    process it started must be gone."""
-    project = make_project(tmp_path_factory.mktemp("team") / "project", labels=range(3),
-                           per_class=20)
-    write_params(project, {"train": {"epochs": 6, "batch_size": 16, "learning_rate": 0.003,
-                                     "early_stopping_patience": 6}})
-    up = _visionops("stack", "up", "--project", str(project), "--s3-port", "0",
-                    "--mlflow-port", "0", "--prefect-port", "0",
-                    "--db-prefix", f"visionops_it{os.getpid()}")
-    stack = Stack.load(project)
-    started = dict(stack.pids)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        assert set(started) == set(SERVICES)
-        yield stack
-    finally:
-        down = _visionops("stack", "down", "--project", str(project), "--purge")
-        pids = {**started, **Stack.load(project).pids}
-        leftover = {name: processes.group_members(pid) for name, pid in pids.items()}
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert not any(leftover.values()), f"processes left behind: {leftover}"
-        assert not (project / ".stack").exists()
+def stack(team_stack) -> Stack:
+    return team_stack
 
 
 def test_status_reports_every_part_up(stack):
@@ -121,7 +99,8 @@ def test_retrain_runs_against_the_stack_by_configuration_only(stack):
     assert f"store/files/md5/{dataset_md5[:2]}/{dataset_md5[2:]}" in stored
 
     # The flow run is on the Prefect server.
-    runs = requests.post(stack.prefect_api_url + "/flow_runs/filter", json={}, timeout=30).json()
+    prefect = prefect_session(stack.prefect_api_url, stack.prefect_auth_string)
+    runs = prefect.post(stack.prefect_api_url + "/flow_runs/filter", json={}, timeout=30).json()
     assert [r["state_type"] for r in runs if r["name"] in done.stdout] == ["COMPLETED"]
 
 

