@@ -442,11 +442,11 @@ class Soak:
                 self.scores[v] = {"correct": None, "total": None, "error": done["stderr"][-500:]}
 
     def prefect_runs(self) -> list[dict]:
-        import requests
-
-        answer = requests.post(self.stack.prefect_api_url + "/flow_runs/filter",
-                               json={"limit": 200}, timeout=30)
-        return answer.json() if answer.ok else []
+        answer = self.stack.prefect_session().post(self.stack.prefect_api_url
+                                                   + "/flow_runs/filter",
+                                                   json={"limit": 200}, timeout=30)
+        answer.raise_for_status()  # an unanswered question must not read as "no runs"
+        return answer.json()
 
     def soak_processes(self) -> list:
         import psutil

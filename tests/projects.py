@@ -56,24 +56,6 @@ def visionops(*args: str, env: dict | None = None, timeout: float = 600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def prefect_session(api_url: str, auth_string: str | None):
-    """A requests session for a Prefect API as its own client talks to it: the auth string
-    as basic auth, then a CSRF token for this client id on every request."""
-    import uuid
-
-    import requests
-
-    session = requests.Session()
-    if auth_string:
-        session.auth = tuple(auth_string.split(":", 1))
-    client = str(uuid.uuid4())
-    answer = session.get(f"{api_url}/csrf-token?client={client}", timeout=30)
-    if answer.ok:
-        session.headers.update({"Prefect-Csrf-Token": answer.json()["token"],
-                                "Prefect-Csrf-Client": client})
-    return session
-
-
 def digits(folder: Path, label: int, first: int, count: int) -> Path:
     """The `first`..`first + count - 1`th digits of one class as PNGs in folder/<label>/."""
     scratch = folder.parent / f".scratch-{folder.name}-{label}-{first}"

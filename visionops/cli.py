@@ -264,12 +264,16 @@ def models_promote(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Make VERSION the champion (the `champion` alias); the move is recorded in the history."""
+    from mlflow.exceptions import MlflowException
+
     from visionops.io.registry import RegistryError
 
     try:
         event = _registry(params_file).promote(version, reason)
     except RegistryError as exc:
         _fail(str(exc))
+    except MlflowException as exc:  # e.g. 403: this account may not move the alias
+        _fail(f"the tracking server refused the promotion: {exc.message}")
     typer.echo(f"champion: v{event['from_version'] or '-'} -> v{event['to_version']} "
                f"({event['reason']})")
     _ensure_exports(params_file, event["to_version"])
@@ -284,9 +288,13 @@ def _ensure_exports(params_file: Path, version: str) -> None:
     def test_images() -> list[Path]:
         return [params.data_dir / path for path in current_test_split(params)[0][:8]]
 
+    from mlflow.exceptions import MlflowException
+
     try:
         report = ensure_exports(params, version, test_images)
-    except (ValueError, OSError) as exc:  # no data here: the promotion stands, unexported
+    except (ValueError, OSError, MlflowException) as exc:
+        # no data here, or an account that may not write the version's run (a promoter):
+        # the promotion stands, unexported; the pipeline exports what it promotes
         typer.echo(f"exports of v{version} not made: {exc}", err=True)
         return
     if report is None:
@@ -303,12 +311,16 @@ def models_rollback(
     params_file: ParamsFile = Path(DEFAULT_PARAMS),
 ) -> None:
     """Move `champion` back to the version it replaced."""
+    from mlflow.exceptions import MlflowException
+
     from visionops.io.registry import RegistryError
 
     try:
         event = _registry(params_file).rollback(reason)
     except RegistryError as exc:
         _fail(str(exc))
+    except MlflowException as exc:
+        _fail(f"the tracking server refused the rollback: {exc.message}")
     typer.echo(f"rolled back: champion v{event['from_version']} -> v{event['to_version']}")
     _ensure_exports(params_file, event["to_version"])
 
@@ -384,9 +396,12 @@ StateFolder = Annotated[Path | None, typer.Option(
 
 
 def _stack(project: Path, state_dir: Path | None):
-    from visionops.ops.stack import Stack
+    from visionops.ops.stack import Stack, StackError
 
-    return Stack.load(project, state_dir)
+    try:
+        return Stack.load(project, state_dir)
+    except StackError as exc:
+        _fail(str(exc))
 
 
 @stack_app.command("up")
@@ -404,8 +419,14 @@ def stack_up(
     prefect_port: Annotated[int, typer.Option(help="0: any free port.")] = 4200,
 ) -> None:
     """Start every part of the stack that is not running, then print how to use it."""
-    from visionops.ops.stack import DEFAULT_POSTGRES_URL, StackError
+    from visionops.ops.stack import DEFAULT_POSTGRES_URL, POSTGRES_URL_VARIABLE, StackError
 
+    if postgres_url and postgres_url != os.environ.get(POSTGRES_URL_VARIABLE):
+        from sqlalchemy.engine import make_url
+
+        if make_url(postgres_url).password:
+            _fail(f"--postgres-url holds a password, which `ps` shows to every user: set "
+                  f"{POSTGRES_URL_VARIABLE} instead (or leave the password to ~/.pgpass)")
     stack = _stack(project, state_dir)
     if not stack.state_file.exists():
         stack.postgres_url = postgres_url or DEFAULT_POSTGRES_URL

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from projects import prefect_session, write_params
+from projects import write_params
 
 from visionops.ops.stack import BUCKETS, SERVICES, Stack
 
@@ -99,8 +99,8 @@ def test_retrain_runs_against_the_stack_by_configuration_only(stack):
     assert f"store/files/md5/{dataset_md5[:2]}/{dataset_md5[2:]}" in stored
 
     # The flow run is on the Prefect server.
-    prefect = prefect_session(stack.prefect_api_url, stack.prefect_auth_string)
-    runs = prefect.post(stack.prefect_api_url + "/flow_runs/filter", json={}, timeout=30).json()
+    runs = stack.prefect_session().post(stack.prefect_api_url + "/flow_runs/filter",
+                                        json={}, timeout=30).json()
     assert [r["state_type"] for r in runs if r["name"] in done.stdout] == ["COMPLETED"]
 
 

@@ -18,7 +18,7 @@ import boto3
 import pytest
 import requests
 from botocore.exceptions import ClientError
-from projects import make_project, prefect_session, visionops
+from projects import make_project, visionops
 
 from visionops.ops import processes
 from visionops.ops.objectstore import free_port
@@ -32,7 +32,7 @@ WEED = Path(sys.executable).with_name("weed")
 def test_prefect_api_refuses_callers_without_the_auth_string(team_stack):
     api = team_stack.prefect_api_url
     # A valid CSRF token, so that only the missing or wrong auth string can refuse.
-    csrf = dict(prefect_session(api, team_stack.prefect_auth_string).headers)
+    csrf = dict(team_stack.prefect_session().headers)
     deployment = {"name": "evil", "flow_id": "00000000-0000-0000-0000-000000000000"}
     for auth in (None, ("visionops", "not-the-string")):
         caller = requests.Session()
@@ -49,7 +49,7 @@ def test_prefect_api_refuses_writes_without_a_csrf_token(team_stack):
     refused = requests.post(f"{api}/work_pools/", json=pool, auth=auth, timeout=30)
     assert refused.status_code == 403 and "CSRF" in refused.text
     # the same call as Prefect's own client makes it, token first, passes
-    session = prefect_session(api, team_stack.prefect_auth_string)
+    session = team_stack.prefect_session()
     assert session.post(f"{api}/work_pools/", json=pool).status_code == 201
     assert session.delete(f"{api}/work_pools/{pool['name']}").status_code == 204
 
@@ -294,3 +294,59 @@ def test_status_and_down_leave_a_process_that_took_over_a_recorded_pid(tmp_path)
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_state_from_an_earlier_version_is_stopped_never_run_unsecured(tmp_path):
+    """state.json of a visionops that recorded PIDs only: a PID still running that part's
+    command is stopped by `down`; another process holding a recorded PID is left alone;
+    `up` refuses to keep servers that lack today's settings."""
+    earlier_worker = processes.start(
+        [sys.executable, "-c", "import time; time.sleep(300)", "prefect", "worker",
+         "visionops"], tmp_path / "worker.log")
+    stranger = subprocess.Popen(["sleep", "302"], start_new_session=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.json").write_text(json.dumps({
+        "ports": {"s3": 1, "mlflow": 2, "prefect": 3},
+        "pids": {"prefect-worker": earlier_worker, "mlflow": stranger.pid}}))
+    try:
+        where = ["--project", str(tmp_path), "--state-dir", str(state)]
+        up = visionops("stack", "up", *where)
+        assert up.returncode == 1 and "earlier visionops" in up.stdout + up.stderr
+        assert "prefect-worker" in up.stdout + up.stderr
+        down = visionops("stack", "down", *where)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not processes.alive(earlier_worker)
+        assert stranger.poll() is None
+    finally:
+        processes.stop(earlier_worker, timeout=3)
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_promoter_promotes_with_the_project_command_and_writes_nothing_else(team_stack):
+    project = team_stack.project
+    visionops("stack", "user", "add", "pia", "--role", "promoter", "--project", str(project))
+    writer = team_stack.user("writer")
+    experiment = _mlflow(team_stack, "/api/2.0/mlflow/experiments/get-by-name"
+                                     "?experiment_name=tiny", writer).json()["experiment"]
+    run = _mlflow(team_stack, "/api/2.0/mlflow/runs/create", writer,
+                  {"experiment_id": experiment["experiment_id"]}).json()["run"]["info"]
+    version = _mlflow(team_stack, "/api/2.0/mlflow/model-versions/create", writer, {
+        "name": "tiny-digits", "run_id": run["run_id"],
+        "source": f"{run['artifact_uri']}/model"}).json()["model_version"]["version"]
+    shell = visionops("stack", "env", "--user", "pia", "--project", str(project)).stdout
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
+    env.update(line.removeprefix("export ").split("=", 1) for line in shell.splitlines())
+    env = {key: value.strip("'") for key, value in env.items()}
+    promoted = visionops("models", "promote", version, "--reason", "security test",
+                         "--params", str(project / "params.yaml"), env=env)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    champion = _mlflow(team_stack, "/api/2.0/mlflow/registered-models/alias"
+                                   "?name=tiny-digits&alias=champion", writer).json()
+    assert champion["model_version"]["version"] == version
+    refused = visionops("models", "promote", version, "--reason", "again",
+                        "--params", str(project / "params.yaml"),
+                        env={**env, "MLFLOW_TRACKING_PASSWORD": "wrong"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr

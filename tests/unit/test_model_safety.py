@@ -246,6 +246,18 @@ def _set_flavor(folder: Path, flavor: str, key: str, value) -> None:
     (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
 
 
+def _drop_setting(folder: Path, flavor: str, key: str) -> None:
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    del mlmodel["flavors"][flavor][key]
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
+def _add_flavor(folder: Path, flavor: str, settings: dict) -> None:
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"][flavor] = settings
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+
 TAMPERINGS = {
     "python_function loader_module is 'mlflow.pyfunc.model'":
         lambda f: _set_flavor(f, "python_function", "loader_module", "mlflow.pyfunc.model"),
@@ -255,12 +267,36 @@ TAMPERINGS = {
         lambda f: (f / "data" / "keras_module.txt").write_text("evil"),
     "tensorflow save_format is 'h5'":
         lambda f: _set_flavor(f, "tensorflow", "save_format", "h5"),
-    "reads its model from '/tmp'":
+    "tensorflow data is '/tmp'":
         lambda f: _set_flavor(f, "tensorflow", "data", "/tmp"),
     "code/evil.py is Python code":
         lambda f: (f / "code").mkdir() or (f / "code" / "evil.py").write_text("x = 1"),
     "data/global_custom_objects.cloudpickle is a pickle":
         lambda f: (f / "data" / "global_custom_objects.cloudpickle").write_bytes(b"\x80\x04N."),
+    # MLflow loads a TF1 estimator's SavedModel when model_type is absent
+    "tensorflow model_type is missing":
+        lambda f: _set_flavor(f, "tensorflow", "saved_model_dir", "tfmodel")
+        or _drop_setting(f, "tensorflow", "model_type"),
+    # mlflow.tensorflow reads a 'keras' flavor in place of 'tensorflow'
+    "MLmodel has a 'keras' flavor":
+        lambda f: _add_flavor(f, "keras", {"model_type": "tf2-module",
+                                           "saved_model_dir": "tfmodel"}),
+    "tensorflow model_type is 'tf2-module'":
+        lambda f: _set_flavor(f, "tensorflow", "model_type", "tf2-module"),
+    "tensorflow save_format is missing":
+        lambda f: _drop_setting(f, "tensorflow", "save_format"),
+    "data/save_format.txt is missing":
+        lambda f: (f / "data" / "save_format.txt").unlink(),
+    "python_function loader_module is missing":
+        lambda f: _drop_setting(f, "python_function", "loader_module"),
+    "tfmodel/saved_model.pb is a TensorFlow SavedModel":
+        lambda f: (f / "tfmodel").mkdir() or (f / "tfmodel" / "saved_model.pb").write_bytes(b""),
+    "data/model/variables/ is a TensorFlow SavedModel folder":
+        lambda f: (f / "data" / "model" / "variables").mkdir(parents=True),
+    "data/model.keras is missing":
+        lambda f: (f / "data" / "model.keras").unlink(),
+    "data/MLmodel is a second MLmodel":
+        lambda f: shutil.copy(f / "MLmodel", f / "data" / "MLmodel"),
 }
 
 

@@ -22,6 +22,9 @@ CODE_SUFFIXES = (".py", ".pyc", ".pyd", ".so")
 LOADER_MODULE = "mlflow.tensorflow"
 KERAS_MODULES = ("keras", "tensorflow.keras")
 SAVE_FORMATS = ("tf", "keras")  # MLflow's default "tf" is a .keras archive under Keras 3
+FLAVORS = ("python_function", "tensorflow")
+KERAS_FILE = "data/model.keras"  # what MLflow loads for model_type keras, save_format tf
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 
 class UnsafeModelFiles(ValueError):
@@ -75,6 +78,10 @@ def model_folder_findings(folder: Path) -> list[str]:
             findings.append(f"{relative} is Python code")
         elif path.name.lower().endswith(".keras"):
             findings.extend(keras_archive_findings(path, relative))
+        elif path.name.lower() in SAVED_MODEL_FILES:
+            findings.append(f"{relative} is a TensorFlow SavedModel (restoring runs its ops)")
+        elif path.name == "MLmodel" and path.parent != folder:
+            findings.append(f"{relative} is a second MLmodel (mlflow.pyfunc reads it first)")
     findings.extend(_mlmodel_findings(folder))
     return findings
 
@@ -90,30 +97,39 @@ def _mlmodel_findings(folder: Path) -> list[str]:
     if not mlmodel.is_file():
         return []  # MLflow refuses it itself
     flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
-    pyfunc, tensorflow = flavors.get("python_function") or {}, flavors.get("tensorflow") or {}
-    findings = [f"MLmodel puts {flavor['code']!r} on the import path ({name} flavor)"
-                for name, flavor in flavors.items()
-                if isinstance(flavor, dict) and flavor.get("code")]
+    findings = [f"MLmodel has a {name!r} flavor (only {', '.join(FLAVORS)} are allowed)"
+                for name in flavors if name not in FLAVORS]
+    findings += [f"MLmodel puts {flavor['code']!r} on the import path ({name} flavor)"
+                 for name, flavor in flavors.items()
+                 if isinstance(flavor, dict) and flavor.get("code")]
+    pyfunc, tensorflow = (flavors.get(name) if isinstance(flavors.get(name), dict) else {}
+                          for name in FLAVORS)
+    # Each setting as MLflow resolves it: mlflow.tensorflow.load_model reads MLmodel,
+    # mlflow.pyfunc reads data/*.txt; an absent save_format means h5 to both.
     checks = [
         ("python_function loader_module", pyfunc.get("loader_module"), (LOADER_MODULE,)),
+        ("python_function data", pyfunc.get("data"), ("data",)),
+        ("tensorflow data", tensorflow.get("data"), ("data",)),
         ("tensorflow model_type", tensorflow.get("model_type"), ("keras",)),
-        ("tensorflow keras_module", tensorflow.get("keras_module"), KERAS_MODULES),
         ("tensorflow save_format", tensorflow.get("save_format"), SAVE_FORMATS),
+        ("tensorflow keras_module", tensorflow.get("keras_module", "tensorflow.keras"),
+         KERAS_MODULES),
+        ("data/save_format.txt", _text(folder / "data" / "save_format.txt"), SAVE_FORMATS),
+        ("data/keras_module.txt",
+         _text(folder / "data" / "keras_module.txt", "tensorflow.keras"), KERAS_MODULES),
     ]
-    for setting in ("keras_module", "save_format"):  # what mlflow.pyfunc reads instead
-        data = folder / str(pyfunc.get("data", "data")) / f"{setting}.txt"
-        if data.is_file():
-            allowed = KERAS_MODULES if setting == "keras_module" else SAVE_FORMATS
-            checks.append((data.relative_to(folder).as_posix(), data.read_text().strip(),
-                           allowed))
-    findings += [f"{where} is {value!r}, not one of {', '.join(allowed)}"
-                 for where, value, allowed in checks
-                 if value is not None and value not in allowed]
-    for name, flavor in (("python_function", pyfunc), ("tensorflow", tensorflow)):
-        if flavor.get("data", "data") != "data":
-            findings.append(f"MLmodel's {name} flavor reads its model from "
-                            f"{flavor['data']!r}, not data/")
+    findings += [f"{where} is missing" if value is None
+                 else f"{where} is {value!r}, not one of {', '.join(allowed)}"
+                 for where, value, allowed in checks if value not in allowed]
+    if not (folder / KERAS_FILE).is_file():
+        findings.append(f"{KERAS_FILE} is missing (the one file MLflow loads it from)")
+    findings += [f"{path.relative_to(folder).as_posix()}/ is a TensorFlow SavedModel folder"
+                 for path in sorted((folder / "data").rglob("variables")) if path.is_dir()]
     return findings
+
+
+def _text(path: Path, default: str | None = None) -> str | None:
+    return path.read_text().strip() if path.is_file() else default
 
 
 def refuse_unsafe_model(folder: Path, what: str) -> None:

@@ -6,7 +6,9 @@ Prefect server (`PREFECT_API_URL`, as on the team stack and every worker) a part
 takes a Prefect global concurrency limit of 1 first, so the lock holds across machines
 and users; its slot is leased, so a holder that is killed frees it when the lease runs out.
 A party without `PREFECT_API_URL` on another machine than the store is not excluded:
-set it wherever the team's stores are used (`visionops stack env` does).
+set it wherever the team's stores are used (`visionops stack env --pipeline` does). A
+person's shell (`stack env --user`) gets no Prefect access, since the auth string lets
+its holder run commands on the worker; their promotions take the lock of their machine.
 """
 
 from __future__ import annotations

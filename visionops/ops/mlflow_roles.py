@@ -46,6 +46,12 @@ GRANTS = {
 }
 
 
+def promotions_experiment(experiment_name: str) -> str:
+    """Where `visionops models promote` records each move (visionops.io.registry): the
+    one experiment a promoter may create runs in."""
+    return f"{experiment_name}-promotions"
+
+
 class RoleError(RuntimeError):
     """The MLflow server refused or could not do a user or permission change."""
 
@@ -93,8 +99,15 @@ def apply_role(url: str, admin: tuple[str, str], username: str, role: str,
         _call(url, admin, "POST", "/api/3.0/mlflow/roles/assign",
               json={"username": username, "role_id": creators},
               ok_errors=("RESOURCE_ALREADY_EXISTS",))
-        for resource_type, resource_id in _existing(url, admin, experiment_name, model_name):
-            _grant(url, admin, username, (resource_type, resource_id, "MANAGE"))
+        for kind, resource_id in _existing(url, admin, experiment_name, model_name):
+            held = _call(url, admin, "GET", "/api/3.0/mlflow/users/permissions/get",
+                         params={"username": username, "resource_type": kind,
+                                 "resource_id": resource_id})
+            if held.get("permission") != "MANAGE":
+                _call(url, admin, "POST", "/api/3.0/mlflow/users/permissions/revoke",
+                      json={"username": username, "resource_type": kind,
+                            "resource_id": resource_id}, ok_errors=("RESOURCE_DOES_NOT_EXIST",))
+                _grant(url, admin, username, (kind, resource_id, "MANAGE"))
         return
     if creators in {held["id"] for held in _call(
             url, admin, "GET", "/api/3.0/mlflow/users/roles/list",
@@ -107,6 +120,12 @@ def apply_role(url: str, admin: tuple[str, str], username: str, role: str,
             for row in _call(url, admin, "GET", "/api/3.0/mlflow/users/permissions/list",
                              params={"username": username})["permissions"]
             if row["role_name"].startswith("__user_") and row["workspace"] == WORKSPACE}
+    if role == "promoter":  # records each move there (visionops.io.registry)
+        history = _call(url, admin, "GET", "/api/2.0/mlflow/experiments/get-by-name",
+                        params={"experiment_name": promotions_experiment(experiment_name)},
+                        ok_errors=("RESOURCE_DOES_NOT_EXIST",))
+        if history:
+            wanted.add(("experiment", history["experiment"]["experiment_id"], "EDIT"))
     for kind, pattern, _ in held - wanted:
         _call(url, admin, "POST", "/api/3.0/mlflow/users/permissions/revoke",
               json={"username": username, "resource_type": kind, "resource_id": pattern})
@@ -116,11 +135,12 @@ def apply_role(url: str, admin: tuple[str, str], username: str, role: str,
 
 def create_writer_resources(url: str, writer_auth: tuple[str, str], experiment_name: str,
                             model_name: str) -> None:
-    """The pipeline's experiment and registered model, created by the writer (so it owns
-    them) unless they exist. (A missing registered model reads as 403, not 404, to anyone
-    but the admin, so the writer does not look first.)"""
-    _call(url, writer_auth, "POST", "/api/2.0/mlflow/experiments/create",
-          json={"name": experiment_name}, ok_errors=("RESOURCE_ALREADY_EXISTS",))
+    """The pipeline's experiment, its promotion history's and its registered model,
+    created by the writer (so it owns them) unless they exist. (A missing registered model
+    reads as 403, not 404, to anyone but the admin, so the writer does not look first.)"""
+    for name in (experiment_name, promotions_experiment(experiment_name)):
+        _call(url, writer_auth, "POST", "/api/2.0/mlflow/experiments/create",
+              json={"name": name}, ok_errors=("RESOURCE_ALREADY_EXISTS",))
     _call(url, writer_auth, "POST", "/api/2.0/mlflow/registered-models/create",
           json={"name": model_name}, ok_errors=("RESOURCE_ALREADY_EXISTS",))
 

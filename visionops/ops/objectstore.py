@@ -158,7 +158,8 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
     if s3_port:
         ports["s3.port"] = s3_port
     log = log or data_dir / "weed.log"
-    command = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # logs go to its log file, never to weed's own files in /tmp (readable by all)
+    command = [weed_binary(), "-logtostderr=true", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-dir={data_dir}", "-filer", "-s3", f"-s3.config={config}", "-metricsPort=0",
                # each bucket grows volumes of its own: small ones, and room for many
                "-master.volumeSizeLimitMB=256", "-volume.max=200",
@@ -171,10 +172,14 @@ def start_seaweedfs(data_dir: Path, access_key: str, secret_key: str,
     deadline = time.monotonic() + ready_timeout
     while True:
         try:
-            store.client().list_buckets()
-            return store
+            # signed requests go only to the port the process just started holds
+            if processes.listens_on(pid, ports["s3.port"]):
+                store.client().list_buckets()
+                return store
+            problem: object = f"127.0.0.1:{ports['s3.port']} is not held by pid {pid}"
         except Exception as exc:  # noqa: BLE001 - not up yet
-            if not processes.alive(pid) or time.monotonic() > deadline:
-                store.stop()
-                raise RuntimeError(f"SeaweedFS did not start ({exc}); see {log}") from exc
-            time.sleep(0.5)
+            problem = exc
+        if not processes.alive(pid) or time.monotonic() > deadline:
+            store.stop()
+            raise RuntimeError(f"SeaweedFS did not start ({problem}); see {log}")
+        time.sleep(0.5)

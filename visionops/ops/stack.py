@@ -65,6 +65,13 @@ DVC_REMOTE = "stack"
 # Started in this order, stopped in the reverse one.
 SERVICES = ("s3", "mlflow", "prefect-server", "prefect-worker")
 SERVICE_PORT = {"s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect"}
+# What each part's command line held before identities were recorded (see Stack.load).
+EARLIER_COMMAND_MARKS = {
+    "s3": lambda stack: ("weed", "server", f"-dir={stack.state_dir / 's3'}"),
+    "mlflow": lambda stack: ("mlflow", "server", str(stack.ports.get("mlflow"))),
+    "prefect-server": lambda stack: ("prefect", "server", str(stack.ports.get("prefect"))),
+    "prefect-worker": lambda stack: ("prefect", "worker", WORK_POOL),
+}
 # The MLflow client's own HTTP retries stay short: the flow's tasks retry transient faults.
 CLIENT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -103,6 +110,8 @@ class Stack:
     pids: dict[str, int] = field(default_factory=dict)
     identities: dict[str, dict] = field(default_factory=dict)  # processes.Identity, saved
     people: dict[str, dict[str, str]] = field(default_factory=dict)  # name: role, password
+    # parts running from an earlier visionops's state, without today's security settings
+    started_unsecured: list[str] = field(default_factory=list)
 
     # -- state -------------------------------------------------------------------------
 
@@ -113,7 +122,11 @@ class Stack:
     @classmethod
     def load(cls, project: Path, state_dir: Path | None = None) -> Stack:
         project = project.resolve()
-        state_dir = (state_dir or project / ".stack").resolve()
+        state_dir = state_dir or project / ".stack"
+        if state_dir.is_symlink():
+            raise StackError(f"{state_dir} is a symlink; the stack keeps its secrets only in "
+                             "a folder of its own: remove the link")
+        state_dir = state_dir.resolve()
         state_file = state_dir / "state.json"
         if not state_file.exists():
             return cls(project=project, state_dir=state_dir)
@@ -124,8 +137,30 @@ class Stack:
                 f"{state_file} is not readable JSON ({exc}). It is written atomically, so "
                 "something else changed it. The servers it named may still run: "
                 "`pgrep -af 'weed server|mlflow server|prefect'` lists them.") from exc
-        return cls(project=project, state_dir=state_dir, **{
+        stack = cls(project=project, state_dir=state_dir, **{
             key: saved[key] for key in STATE_KEYS if key in saved})
+        if saved.get("pids") and "identities" not in saved:
+            stack._adopt_earlier_processes()
+        return stack
+
+    def _adopt_earlier_processes(self) -> None:
+        """A state.json written before identities were recorded: a recorded PID still
+        running the command that part runs is taken as that part (so `down` stops it);
+        any other is dropped. `up` then refuses until `down`: those servers lack the
+        security settings."""
+        self.started_unsecured = []
+        for name, pid in list(self.pids.items()):
+            try:
+                identity = processes.Identity.of(pid, settle_s=0)
+            except (processes.psutil.NoSuchProcess, processes.psutil.AccessDenied):
+                identity = None
+            marks = EARLIER_COMMAND_MARKS[name](self)
+            if identity and all(any(mark in word for word in identity.cmdline)
+                                for mark in marks):
+                self.identities[name] = identity.to_dict()
+                self.started_unsecured.append(name)
+            else:
+                self.pids.pop(name)
 
     def save(self) -> None:
         private_folder(self.state_dir)
@@ -145,6 +180,12 @@ class Stack:
     @property
     def prefect_api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['prefect']}/api"
+
+    @property
+    def postgres_url_shown(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.postgres_url).render_as_string(hide_password=True)
 
     @property
     def prefect_ui_origin(self) -> str:
@@ -171,6 +212,23 @@ class Stack:
     @property
     def prefect_auth_string(self) -> str:
         return f"visionops:{self.secrets['prefect_auth']}"
+
+    def prefect_session(self):
+        """A requests session for the Prefect API as Prefect's own client talks to it: the
+        stack's auth string as basic auth, then a CSRF token for this session on every
+        request."""
+        import uuid
+
+        import requests
+
+        session = requests.Session()
+        session.auth = tuple(self.prefect_auth_string.split(":", 1))
+        client = str(uuid.uuid4())
+        answer = session.get(f"{self.prefect_api_url}/csrf-token?client={client}", timeout=30)
+        if answer.ok:
+            session.headers.update({"Prefect-Csrf-Token": answer.json()["token"],
+                                    "Prefect-Csrf-Client": client})
+        return session
 
     def client_env(self) -> dict[str, str]:
         """What the pipeline sets: `visionops retrain`, the worker's flow runs, DVC and
@@ -204,6 +262,12 @@ class Stack:
 
     def up(self, requested_ports: dict[str, int] | None = None, say=print) -> None:
         """Start every part that is not running; parts already up are left alone."""
+        if self.started_unsecured:
+            raise StackError(
+                f"{', '.join(self.started_unsecured)} still run as an earlier visionops "
+                "started them, without the Prefect auth string, the narrower S3 keys and "
+                "MLflow's roles: `visionops stack down`, then `visionops stack up` (data, "
+                "databases and passwords are kept).")
         for name, default in DEFAULT_PORTS.items():
             if name not in self.ports:
                 wanted = (requested_ports or {}).get(name, default)
@@ -245,8 +309,17 @@ class Stack:
         return bool(pid and saved) and processes.owns(processes.Identity.from_dict(saved), pid)
 
     def _record(self, name: str, pid: int) -> None:
+        """Remember a started part at once: a failure later in `up` leaves nothing
+        running that state.json does not name."""
         self.pids[name] = pid
-        self.identities[name] = processes.Identity.of(pid).to_dict()
+        try:
+            self.identities[name] = processes.Identity.of(pid).to_dict()
+        except processes.psutil.NoSuchProcess:
+            self.identities[name] = {"boot": "", "created": 0, "cmdline": []}  # never ours
+            self.save()
+            raise StackError(f"{name} ended as soon as it started; see {self._log(name)}:\n"
+                             + _tail(self._log(name))) from None
+        self.save()
 
     def _log(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -265,7 +338,7 @@ class Stack:
             connection = psycopg2.connect(self.postgres_url, connect_timeout=5)
         except psycopg2.OperationalError as exc:
             raise StackError(
-                f"No PostgreSQL answered at {self.postgres_url}: {str(exc).strip()}\n"
+                f"No PostgreSQL answered at {self.postgres_url_shown}: {str(exc).strip()}\n"
                 "The stack keeps MLflow's and Prefect's data in PostgreSQL. Start one "
                 "(Debian/Ubuntu: `sudo apt install postgresql && sudo service postgresql "
                 f"start`) or set {POSTGRES_URL_VARIABLE} (or --postgres-url) to the URL of "
@@ -390,15 +463,15 @@ class Stack:
         admin = self.user("admin")
         for role in USERS:
             mlflow_roles.create_user(self.mlflow_url, admin, *self.user(role))
-        for role in USERS:
-            self._apply_role(USERS[role], role)
-        for name, person in self.people.items():
-            mlflow_roles.create_user(self.mlflow_url, admin, name, person["password"])
-            self._apply_role(name, person["role"])
+        self._apply_role(USERS["writer"], "writer")
         params = self._params()
         mlflow_roles.create_writer_resources(self.mlflow_url, self.user("writer"),
                                              params.mlflow.experiment_name,
                                              params.registry.model_name)
+        self._apply_role(USERS["reviewer"], "reviewer")
+        for name, person in self.people.items():
+            mlflow_roles.create_user(self.mlflow_url, admin, name, person["password"])
+            self._apply_role(name, person["role"])
 
     def _apply_role(self, username: str, role: str) -> None:
         params = self._params()
@@ -457,6 +530,8 @@ class Stack:
     def healthy(self, name: str) -> bool:
         try:
             if name == "s3":
+                if not self._owns_port("s3"):
+                    return False
                 self.object_store().client().list_buckets()
                 return True
             if name == "mlflow":
