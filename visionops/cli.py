@@ -419,14 +419,17 @@ def stack_up(
     prefect_port: Annotated[int, typer.Option(help="0: any free port.")] = 4200,
 ) -> None:
     """Start every part of the stack that is not running, then print how to use it."""
-    from visionops.ops.stack import DEFAULT_POSTGRES_URL, POSTGRES_URL_VARIABLE, StackError
+    from visionops.ops.stack import (
+        DEFAULT_POSTGRES_URL,
+        POSTGRES_URL_VARIABLE,
+        StackError,
+        has_password,
+    )
 
-    if postgres_url and postgres_url != os.environ.get(POSTGRES_URL_VARIABLE):
-        from sqlalchemy.engine import make_url
-
-        if make_url(postgres_url).password:
-            _fail(f"--postgres-url holds a password, which `ps` shows to every user: set "
-                  f"{POSTGRES_URL_VARIABLE} instead (or leave the password to ~/.pgpass)")
+    given_on_command_line = postgres_url != os.environ.get(POSTGRES_URL_VARIABLE)
+    if postgres_url and given_on_command_line and has_password(postgres_url):
+        _fail(f"--postgres-url holds a password, which `ps` shows to every user: set "
+              f"{POSTGRES_URL_VARIABLE} instead (or leave the password to ~/.pgpass)")
     stack = _stack(project, state_dir)
     if not stack.state_file.exists():
         stack.postgres_url = postgres_url or DEFAULT_POSTGRES_URL

@@ -592,6 +592,12 @@ class Stack:
         say(f"purged: databases {self.db_prefix}_*, {self.state_dir}")
 
 
+def has_password(database_url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    return bool(make_url(database_url).password)
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5):
