@@ -183,6 +183,9 @@ def _train(data, params, augment, work_dir, callbacks, verbose, backup_dir, log,
             ]).history
 
     started = time.perf_counter()
+    # Again just before the weights are drawn: Keras draws their seeds from Python's global
+    # `random`, which another thread of this process (Prefect's) may draw from meanwhile.
+    keras.utils.set_random_seed(params.seed)
     with distribution_strategy(params.strategy).scope():
         model = compiled_model()
     if done:  # phase 1 ended before the run was interrupted
