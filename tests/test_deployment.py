@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,12 +24,20 @@ from visionops.ops.objectstore import free_port
 BIN = Path(sys.executable).parent
 
 
-def _api(url: str, path: str, body: dict | None = None):
+def _api(url: str, path: str, body: dict | None = None, attempts: int = 5):
+    """One call to the server's REST API; a 503 (its SQLite store busy under a loaded
+    machine: seen once in a full run) is asked again, as Prefect's own client does."""
     request = urllib.request.Request(
         url + path, data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(2)
 
 
 def _wait(check, timeout: float, what: str):
