@@ -35,7 +35,15 @@ def private_folder(path: Path) -> Path:
     """Create `path` (and its parents) if missing and make it 0700: only its owner lists
     or enters it. A symlink there is refused: its target would get the secrets."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.is_symlink():
-        raise PermissionError(f"{path} is a symlink; refusing to keep secrets behind it")
-    os.chmod(path, 0o700)
+    try:  # opened without following a link, so the mode is set on this very folder
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if path.is_symlink():
+            raise PermissionError(f"{path} is a symlink; refusing to keep secrets behind it"
+                                  ) from exc
+        raise
+    try:
+        os.fchmod(descriptor, 0o700)
+    finally:
+        os.close(descriptor)
     return path
