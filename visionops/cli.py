@@ -229,6 +229,51 @@ def predict(
         typer.echo(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
 
 
+@app.command("serve-model")
+def serve_model(
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    host: Annotated[str | None, typer.Option(help="Address to listen on (serving.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (serving.port).")] = None,
+) -> None:
+    """Serve the champion over HTTP (/predict, /health, /ready, /version, /metrics),
+    following the alias: a promotion or rollback is loaded in the background and swapped in."""
+    params = _load(params_file)
+    from visionops.serving.server import serve
+
+    serve(params, host=host, port=port)
+
+
+@app.command()
+def score(
+    source: Annotated[str | None, typer.Argument(
+        help="Folder or s3://bucket/prefix of images (default: scoring.source).")] = None,
+    params_file: ParamsFile = Path(DEFAULT_PARAMS),
+    output: Annotated[Path | None, typer.Option(
+        help="Parquet file to write (default: scoring.output_dir/<time>-v<version>.parquet).")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Batch-score images with the champion: a drift report against its training data,
+    predictions as Parquet, an MLflow run, low-confidence images copied for review."""
+    params = _load(params_file)
+    if source is None and params.scoring.source is None:
+        _fail("no SOURCE given and scoring.source is not set in params.yaml", code=2)
+    from flows.score import score as score_flow
+
+    from visionops.io.registry import RegistryError
+
+    try:
+        summary = score_flow(source, str(params_file), str(output) if output else None)
+    except (RegistryError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"{summary['images']} images scored by champion v{summary['model_version']} "
+               f"into {summary['output']}; drift: {summary['drift_status']}; "
+               f"{summary['sent_for_review']} sent for review to {summary['review_dir']}")
+
+
 models_app = typer.Typer(no_args_is_help=True,
                          help="The model registry: list, compare, promote, roll back.")
 app.add_typer(models_app, name="models")

@@ -222,6 +222,37 @@ class NotifyParams(_Section):
     webhook_url: str | None = None  # a failed flow run's summary is POSTed here as JSON
 
 
+class FeedbackParams(_Section):
+    """Production predictions a person should look at: those whose top probability is
+    below `confidence_threshold` are copied to `review_dir`/<predicted label>/<file>, the
+    landing layout; moving a file into the landing area, under its right label, feeds
+    the next ingest."""
+
+    confidence_threshold: float = Field(0.6, ge=0, le=1)  # 0: nothing is copied
+    review_dir: str = "review"  # a folder (relative to params.yaml) or s3://bucket/prefix
+
+
+class ScoringParams(_Section):
+    """`visionops score` and the scheduled scoring deployment (prefect.yaml)."""
+
+    source: str | None = None  # folder or s3://bucket/prefix of images to score
+    output_dir: Path = Path("predictions")  # <output_dir>/<time>-v<version>.parquet
+
+
+class ServingParams(_Section):
+    """`visionops serve-model`: the online service that follows the champion alias."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    poll_seconds: float = Field(10.0, gt=0)   # how often the champion alias is read
+    max_batch: int = Field(64, ge=1)          # images predicted in one model call
+    batch_wait_ms: float = Field(2.0, ge=0)   # how long a batch waits for more images
+    max_concurrency: int = Field(64, ge=1)    # requests in progress; more get 503
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_bytes: int = Field(10_000_000, ge=1)  # a larger upload gets 413
+    summary_seconds: float = Field(60.0, gt=0)  # a summary of traffic logged this often
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: Path = Path("mlartifacts")
@@ -243,6 +274,9 @@ class Params(_Section):
     notify: NotifyParams = NotifyParams()
     compute: ComputeParams = ComputeParams()
     schedule: ScheduleParams = ScheduleParams()
+    feedback: FeedbackParams = FeedbackParams()
+    scoring: ScoringParams = ScoringParams()
+    serving: ServingParams = ServingParams()
     root: Path = Field(Path("."), exclude=True)
 
     @property
@@ -264,6 +298,20 @@ class Params(_Section):
         if weights is None or weights == "imagenet" or Path(weights).is_absolute():
             return self.train
         return self.train.model_copy(update={"pretrained": str((self.root / weights).resolve())})
+
+    @property
+    def review_dir(self) -> str:
+        """The review area, a local one resolved against the params folder."""
+        return _resolved(self.root, self.feedback.review_dir)
+
+    @property
+    def scoring_source(self) -> str | None:
+        source = self.scoring.source
+        return None if source is None else _resolved(self.root, source)
+
+    @property
+    def scoring_output_dir(self) -> Path:
+        return (self.root / self.scoring.output_dir).resolve()
 
     @property
     def data_docs_dir(self) -> Path:
@@ -299,6 +347,11 @@ class Params(_Section):
         what may be logged to MLflow, where anyone who can read the run sees it."""
         return {key: value for key, value in self.flat().items()
                 if not may_carry_secret(key, value)}
+
+
+def _resolved(root: Path, location: str) -> str:
+    """A folder resolved against `root`; an s3:// URL as it is."""
+    return location if location.startswith("s3://") else str((root / location).resolve())
 
 
 SECRET_SECTIONS = ("notify",)  # a webhook URL is its own credential

@@ -204,6 +204,8 @@ class LoadedVersion:
     # what its model takes (visionops.core.pipeline): raw pixels, or, for a version
     # registered before models rescaled inside, [0, 1] floats (it has no tag)
     input_contract: str = UNIT_FLOAT
+    data_version: str = ""  # the DVC md5 of the dataset it was trained on ("": untagged)
+    run_id: str = ""        # the MLflow run that logged it
 
 
 def load_champion(params: Params) -> LoadedVersion:
@@ -245,4 +247,5 @@ def load_registered_version(params: Params, version: str | int) -> LoadedVersion
     class_names = model_version.tags.get("class_names")
     return LoadedVersion(model, json.loads(class_names) if class_names else None,
                          str(model_version.version),
-                         model_version.tags.get(INPUT_CONTRACT_TAG, UNIT_FLOAT))
+                         model_version.tags.get(INPUT_CONTRACT_TAG, UNIT_FLOAT),
+                         model_version.tags.get("data_version", ""), model_version.run_id or "")
