@@ -8,6 +8,8 @@ auth, CSRF and CORS, no unpickling)."""
 from __future__ import annotations
 
 import configparser
+import functools
+import http.server
 import importlib.machinery
 import json
 import os
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tomllib
 import types
@@ -79,6 +82,10 @@ PORT_KEY = {"s3": "s3", "mlflow": "mlflow", "prefect-server": "prefect"}
 # one-shot jobs: the secrets check before anything, then what `stack up` does between
 # starts: buckets, then MLflow users
 ONE_SHOT = {"preflight", "buckets", "mlflow-users"}
+# the online model service (`visionops serve-model`), beyond what `stack up` starts
+SERVING = "serving"
+SERVING_USER = "visionops-serving"
+SERVING_PASSWORD = "VISIONOPS_MLFLOW_SERVING_PASSWORD"
 BIND_VARIABLE = "VISIONOPS_BIND_ADDRESS"
 # The entrypoint writes the auth ini's database_uri from it (MLflow reads that from the ini).
 COMPOSE_MLFLOW_EXTRA_ENV = {"AUTH_DATABASE_URI"}
@@ -117,6 +124,14 @@ def _env_example() -> dict[str, str]:
     lines = (INFRA / ".env.example").read_text().splitlines()
     pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+@functools.cache
+def _repo_params():
+    """The repository's params.yaml, as the image holds it in /opt/visionops."""
+    from visionops.core.config import load_params
+
+    return load_params(REPO / "params.yaml")
 
 
 def _secret(name: str) -> bool:
@@ -225,7 +240,7 @@ def _free_port() -> int:
 
 
 def test_compose_has_a_service_for_each_part_of_the_local_stack(compose):
-    expected = {COMPOSE_SERVICE[name] for name in SERVICES} | {"postgres"} | ONE_SHOT
+    expected = {COMPOSE_SERVICE[name] for name in SERVICES} | {"postgres", SERVING} | ONE_SHOT
     assert set(compose["services"]) == expected
     for name in ONE_SHOT:
         assert compose["services"][name]["restart"] == "no", name
@@ -234,7 +249,8 @@ def test_compose_has_a_service_for_each_part_of_the_local_stack(compose):
 def test_compose_publishes_the_local_stack_ports(compose):
     published = {name: _published(service) for name, service in compose["services"].items()
                  if service.get("ports")}
-    expected = {name: DEFAULT_PORTS[key] for name, key in PORT_KEY.items()} | {"postgres": 5432}
+    expected = {name: DEFAULT_PORTS[key] for name, key in PORT_KEY.items()} | {
+        "postgres": 5432, SERVING: _repo_params().serving.port}
     assert published == {name: {port: port} for name, port in expected.items()}
 
 
@@ -594,16 +610,17 @@ def test_compose_mlflow_moves_the_repos_auth_config_to_postgres(compose, local, 
 
 def test_compose_mlflow_accepts_the_host_its_clients_use(compose):
     allowed = _options(compose["services"]["mlflow"]["command"])["--allowed-hosts"].split(",")
-    for client in ("prefect-worker", "mlflow-users"):
+    for client in ("prefect-worker", "mlflow-users", SERVING):
         uri = _env(compose["services"][client])["MLFLOW_TRACKING_URI"]
         assert _netloc(uri) in allowed, client
 
 
 def test_mlflow_never_unpickles_in_any_container():
     compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]
-    for name in ("mlflow", "mlflow-users", "prefect-worker"):
+    for name in ("mlflow", "mlflow-users", "prefect-worker", SERVING):
         assert compose[name]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
-    for manifest, kind in (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker")):
+    for manifest, kind in (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker"),
+                           ("serving.yaml", "visionops-serving")):
         env = _k8s_env(_container(_manifests(manifest)["Deployment", kind]))
         assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]["value"] == "false", kind
     assert _pool_job_env()["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
@@ -612,8 +629,9 @@ def test_mlflow_never_unpickles_in_any_container():
 
 def test_mlflow_users_job_sets_up_the_stacks_roles(compose, monkeypatch):
     """The job's script, run here with a recorder in place of visionops/ops/mlflow_roles.py
-    (the functions `stack up` calls): the writer and reviewer are created and given their
-    roles by the admin, then the writer creates the pipeline's experiment and model."""
+    (the functions `stack up` calls): the writer, the reviewer and the model service's user
+    are created and given their roles by the admin (the service's: the reviewer's, which
+    only reads), then the writer creates the pipeline's experiment and model."""
     import visionops.ops
     from visionops.core.config import load_params
 
@@ -643,12 +661,16 @@ def test_mlflow_users_job_sets_up_the_stacks_roles(compose, monkeypatch):
     url, admin = env["MLFLOW_TRACKING_URI"], (ADMIN, env["MLFLOW_TRACKING_PASSWORD"])
     writer = (USERS["writer"], env["WRITER_PASSWORD"])
     reviewer = (USERS["reviewer"], env["REVIEWER_PASSWORD"])
+    serving = (SERVING_USER, env["SERVING_PASSWORD"])
     assert env["WRITER_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_WRITER_PASSWORD"]
     assert env["REVIEWER_PASSWORD"] == _env_example()["VISIONOPS_MLFLOW_REVIEWER_PASSWORD"]
+    assert env["SERVING_PASSWORD"] == _env_example()[SERVING_PASSWORD]
     assert calls == [("create_user", url, admin, *writer),
                      ("create_user", url, admin, *reviewer),
+                     ("create_user", url, admin, *serving),
                      ("apply_role", url, admin, writer[0], "writer", *names),
                      ("apply_role", url, admin, reviewer[0], "reviewer", *names),
+                     ("apply_role", url, admin, serving[0], "reviewer", *names),
                      ("create_writer_resources", url, writer, *names)]
 
 
@@ -765,7 +787,8 @@ def test_compose_named_volumes_are_declared_and_bind_mounts_exist(compose):
             else:
                 used[source] = name
     assert set(used) == declared
-    assert {used[volume] for volume in declared} == {"postgres", "s3", "prefect-server"}
+    assert {used[volume] for volume in declared} == {"postgres", "s3", "prefect-server",
+                                                     SERVING}
 
 
 # -- the object store ------------------------------------------------------------------
@@ -982,7 +1005,8 @@ def test_mlflow_users_job_and_worker_reach_the_services_by_name(compose):
 # -- Kubernetes ------------------------------------------------------------------------
 
 KUBERNETES_DEPLOYMENTS = (("mlflow.yaml", "mlflow"), ("prefect-worker.yaml", "prefect-worker"),
-                          ("prefect-server.yaml", "prefect-server"))
+                          ("prefect-server.yaml", "prefect-server"),
+                          ("serving.yaml", "visionops-serving"))
 
 
 def _manifests(name: str) -> dict[tuple[str, str], dict]:
@@ -1047,20 +1071,26 @@ def test_kubernetes_manifests_have_the_right_kinds():
     mlflow = _manifests("mlflow.yaml")
     worker = _manifests("prefect-worker.yaml")
     server = _manifests("prefect-server.yaml")
+    serving = _manifests("serving.yaml")
     assert set(mlflow) == {("ConfigMap", "mlflow-auth"), ("Deployment", "mlflow"),
                            ("Service", "mlflow")}
     assert set(worker) == {("ConfigMap", "visionops-prefect"), ("Deployment", "prefect-worker")}
     assert set(server) == {("ConfigMap", "prefect-server"), ("Deployment", "prefect-server"),
                            ("Service", "prefect-server")}
-    for document in [*mlflow.values(), *worker.values(), *server.values()]:
+    assert set(serving) == {("Deployment", "visionops-serving"), ("Service", "visionops-serving"),
+                            ("NetworkPolicy", "visionops-serving")}
+    for document in [*mlflow.values(), *worker.values(), *server.values(), *serving.values()]:
         assert document["metadata"]["namespace"] == "visionops"
-    for manifests, name, port_key in ((mlflow, "mlflow", "mlflow"),
-                                      (server, "prefect-server", "prefect")):
+    ports = {"mlflow": DEFAULT_PORTS["mlflow"], "prefect-server": DEFAULT_PORTS["prefect"],
+             "visionops-serving": _repo_params().serving.port}
+    for manifests, name in ((mlflow, "mlflow"), (server, "prefect-server"),
+                            (serving, "visionops-serving")):
         service, deployment = manifests["Service", name], manifests["Deployment", name]
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
         (port,) = service["spec"]["ports"]
         assert port["port"] == _port(_container(deployment), port["targetPort"]) \
-            == DEFAULT_PORTS[port_key]
+            == ports[name]
 
 
 def test_kubernetes_mlflow_matches_the_local_server(local):
@@ -1192,3 +1222,219 @@ def test_mlflow_folder_never_shadows_the_mlflow_library():
     origin = Path(spec.origin)
     assert "site-packages" in origin.parts
     assert not origin.is_relative_to(REPO / "mlflow")
+
+
+# -- the model service (`visionops serve-model`) ---------------------------------------
+# Not run here (the service's behaviour is tested in its own tests): its command line is
+# parsed by the real CLI, its environment read by the real params loader, and the compose
+# healthcheck run against a real HTTP server.
+
+def _serve_model_options(argv: list[str]) -> dict:
+    """What `visionops serve-model` makes of a command line: its options, parsed by the
+    CLI itself (an unknown option fails), without running it."""
+    import typer.main
+
+    from visionops.cli import app
+
+    assert argv[:2] == ["visionops", "serve-model"], argv
+    command = typer.main.get_command(app).commands["serve-model"]
+    return command.make_context("serve-model", list(argv[2:])).params
+
+
+def _params_under(env: dict[str, str], monkeypatch):
+    """params.yaml read as in a container given `env` (and no other VISIONOPS_ variable)."""
+    from visionops.core.config import ENV_PREFIX, load_params
+
+    for key in [key for key in os.environ if key.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return load_params(REPO / "params.yaml")
+
+
+def _serving_k8s() -> tuple[dict, dict, dict]:
+    """serving.yaml's manifests, its Deployment's pod spec and its one container."""
+    manifests = _manifests("serving.yaml")
+    deployment = manifests["Deployment", "visionops-serving"]
+    return manifests, deployment["spec"]["template"]["spec"], _container(deployment)
+
+
+def test_compose_serving_listens_on_its_published_port_bound_like_the_rest(
+        compose, raw_compose):
+    """The service listens on every address inside its container, on the port Compose
+    publishes, and the host side of that port binds the bind variable (loopback unless
+    told otherwise), never all addresses."""
+    service = compose["services"][SERVING]
+    options = _serve_model_options(service["command"])
+    assert options["host"] == "0.0.0.0"   # inside the container: the port mapping's way in
+    assert str(options["params_file"]) == "params.yaml"
+    (raw_port,) = raw_compose["services"][SERVING]["ports"]
+    assert raw_port == f"${{{BIND_VARIABLE}:-127.0.0.1}}:{options['port']}:{options['port']}"
+    assert _published(service) == {options["port"]: options["port"]}
+    assert options["port"] == _repo_params().serving.port
+
+
+def test_compose_serving_is_healthy_once_a_model_is_loaded_and_waits_for_mlflow(compose):
+    service = compose["services"][SERVING]
+    port = _serve_model_options(service["command"])["port"]
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert f"'http://127.0.0.1:{port}/ready'" in test[3]
+    assert service["healthcheck"]["start_period"]   # TensorFlow's import, the first load
+    assert service["depends_on"]["mlflow"] == {"condition": "service_healthy"}
+    assert service["depends_on"]["mlflow-users"] == {
+        "condition": "service_completed_successfully"}
+    assert service["restart"] == "unless-stopped"
+
+
+def test_compose_serving_healthcheck_fails_while_ready_answers_503(compose):
+    """The healthcheck's own code, run against a real HTTP server on a free port in place
+    of the service's: it exits non-zero while /ready answers 503, and 0 once it answers
+    200; it asks /ready and nothing else."""
+    (code,) = compose["services"][SERVING]["healthcheck"]["test"][3:]
+    answer = {"status": 503}
+    asked = []
+
+    class Service(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            self.send_response(answer["status"] if self.path == "/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = _serve_model_options(compose["services"][SERVING]["command"])["port"]
+    code = code.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{server.server_address[1]}/")
+
+    def healthcheck() -> int:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True,
+                              timeout=30).returncode
+
+    try:
+        assert healthcheck() != 0
+        answer["status"] = 200
+        assert healthcheck() == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/ready", "/ready"]
+
+
+def test_serving_reads_the_registry_as_its_own_read_only_user(compose, raw_compose):
+    """Compose and Kubernetes give the service a user of its own (no one else's password),
+    created with the reviewer's role by mlflow-users (test_mlflow_users_job_sets_up_the_
+    stacks_roles), its password a secret the preflight checks; no S3 keys."""
+    service = raw_compose["services"][SERVING]
+    env = _env(service)
+    assert env["MLFLOW_TRACKING_USERNAME"] == SERVING_USER
+    assert SERVING_USER not in (ADMIN, *USERS.values())
+    assert env["MLFLOW_TRACKING_PASSWORD"].startswith(f"${{{SERVING_PASSWORD}:?")
+    assert SERVING_PASSWORD in raw_compose["services"]["preflight"]["environment"]
+    assert SERVING_PASSWORD in _secret_names()
+    others = {value for name, value in _env_example().items()
+              if _secret(name) and name != SERVING_PASSWORD}
+    assert not others & set(_env(compose["services"][SERVING]).values())
+    assert not [key for key in env if key.startswith("AWS_")]
+
+    manifests, pod, container = _serving_k8s()
+    k8s = _k8s_env(container)
+    assert k8s["MLFLOW_TRACKING_USERNAME"]["value"] == SERVING_USER
+    assert k8s["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "visionops-stack", "key": "mlflow-serving-password"}
+    assert _secret_keys(container) == {"mlflow-serving-password"}
+    (init,) = pod["initContainers"]   # the preflight (test_kubernetes_pods_run_the_preflight...)
+    assert [item["name"] for item in init["env"]] == [SERVING_PASSWORD]
+    assert not [key for key in k8s if key.startswith("AWS_")]
+
+
+def test_serving_env_sets_the_params_it_means(compose, monkeypatch):
+    """The variables the service is given, read by the real params loader: the team's
+    tracking server, and a review area on a volume it may write (the image's files are
+    read-only); the tracking server accepts the Host header the service sends."""
+    service = compose["services"][SERVING]
+    env = _env(service)
+    params = _params_under({key: value for key, value in env.items()
+                            if key.startswith("VISIONOPS_")}, monkeypatch)
+    assert params.mlflow.tracking_uri == env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert params.review_dir in mounts and mounts[params.review_dir] in compose["volumes"]
+    for key, value in CLIENT_HTTP_RETRIES.items():
+        assert env[key] == value, key
+
+    manifests, pod, container = _serving_k8s()
+    k8s = {name: item["value"] for name, item in _k8s_env(container).items() if "value" in item}
+    params = _params_under({key: value for key, value in k8s.items()
+                            if key.startswith("VISIONOPS_")}, monkeypatch)
+    assert params.mlflow.tracking_uri == k8s["MLFLOW_TRACKING_URI"] == _pool_job_env()[
+        "MLFLOW_TRACKING_URI"]
+    volumes = {volume["name"] for volume in pod["volumes"]}
+    assert {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}.get(
+        params.review_dir) in volumes
+    mlflow = _container(_manifests("mlflow.yaml")["Deployment", "mlflow"])
+    allowed = _options(mlflow["command"])["--allowed-hosts"].split(",")
+    assert _netloc(params.mlflow.tracking_uri) in allowed
+
+
+def test_kubernetes_serving_probes_ready_and_live_on_the_port_it_listens_on():
+    """Traffic only to a pod whose model is loaded (/ready); a restart only when the
+    server stops answering (/health), and not before TensorFlow and the model had time
+    to load; both on the port the command line gives."""
+    manifests, pod, container = _serving_k8s()
+    options = _serve_model_options(container["command"])
+    assert options["host"] == "0.0.0.0" and str(options["params_file"]) == "params.yaml"
+    assert [item["containerPort"] for item in container["ports"]] == [options["port"]]
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health"),
+                        ("startupProbe", "/health")):
+        check = container[probe]["httpGet"]
+        assert check["path"] == path, probe
+        assert _port(container, check["port"]) == options["port"], probe
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert manifests["Deployment", "visionops-serving"]["spec"]["replicas"] >= 2
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert "args" not in container   # the command line holds no secret (test_no_secret_...)
+
+
+def test_kubernetes_serving_runs_as_a_user_on_a_read_only_root(compose):
+    """Not root (the image's `visionops`, as in Compose), no privilege escalation, no
+    capabilities, and a read-only root filesystem with /tmp on an emptyDir."""
+    manifests, pod, container = _serving_k8s()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    uid = container.get("securityContext", {}).get("runAsUser",
+                                                   pod["securityContext"].get("runAsUser"))
+    assert uid and uid != 0
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert re.search(rf"useradd --uid {uid} .*visionops", dockerfile)
+    assert compose["services"][SERVING]["user"] == f"{uid}:{uid}"
+    assert compose["services"][SERVING]["read_only"] is True
+    assert any(str(mount).split(":")[0] == "/tmp" for mount in compose["services"][SERVING][
+        "tmpfs"])
+    for each in [*pod["initContainers"], container]:
+        security = each["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False, each["name"]
+        assert security["readOnlyRootFilesystem"] is True, each["name"]
+        assert security["capabilities"]["drop"] == ["ALL"], each["name"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (tmp,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/tmp"]
+    assert "emptyDir" in volumes[tmp["name"]]
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_kubernetes_serving_is_reachable_only_from_labelled_pods():
+    """The service has no auth: its NetworkPolicy selects its pods and lets in only pods
+    that carry a label, on its HTTP port only."""
+    manifests, pod, container = _serving_k8s()
+    policy = manifests["NetworkPolicy", "visionops-serving"]["spec"]
+    deployment = manifests["Deployment", "visionops-serving"]
+    assert policy["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert "Ingress" in policy["policyTypes"]
+    (rule,) = policy["ingress"]
+    assert rule["from"]
+    for source in rule["from"]:
+        assert source["podSelector"]["matchLabels"], source   # never every pod
+        assert "ipBlock" not in source
+    assert [_port(container, port["port"]) for port in rule["ports"]] == [
+        _serve_model_options(container["command"])["port"]]
