@@ -92,8 +92,14 @@ def test_deployed_retrain_runs_on_a_worker_and_registers_a_champion(prefect_api,
     url, env = prefect_api
     project = make_project(tmp_path / "project")
     _prefect(env, "work-pool", "create", "visionops", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--all", "--params",
-             json.dumps({"params_path": str(project / "params.yaml")}))
+    for name in ("nightly", "scoring"):  # one at a time: `deploy --all` ignores --params
+        _prefect(env, "--no-prompt", "deploy", "--name", name, "--params",
+                 json.dumps({"params_path": str(project / "params.yaml")}))
+    scoring = _api(url, "/deployments/name/score/scoring")
+    assert [s["schedule"]["cron"] for s in scoring["schedules"]] == ["0 6 * * *"]
+    assert scoring["work_pool_name"] == "visionops", scoring
+    assert scoring["global_concurrency_limit"]["limit"] == 1, scoring
+    assert scoring["parameters"] == {"params_path": str(project / "params.yaml")}
 
     deployment = _api(url, "/deployments/name/retrain/nightly")
     (schedule,) = deployment["schedules"]

@@ -258,12 +258,16 @@ def score(
     params = _load(params_file)
     if source is None and params.scoring.source is None:
         _fail("no SOURCE given and scoring.source is not set in params.yaml", code=2)
+    location = source or params.scoring_source
+    if not location.startswith("s3://"):
+        location = str(Path(location).resolve())  # SOURCE is relative to where you are
+        if not Path(location).is_dir():  # said before a Prefect server starts for nothing
+            _fail(f"{location}: no such folder")
     from flows.score import score as score_flow
-
     from visionops.io.registry import RegistryError
 
     try:
-        summary = score_flow(source, str(params_file), str(output) if output else None)
+        summary = score_flow(location, str(params_file), str(output) if output else None)
     except (RegistryError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if as_json:

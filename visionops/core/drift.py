@@ -1,6 +1,8 @@
 """Data drift: the new dataset against the one the champion was trained on.
 Class distribution (total variation distance) and image width, height and brightness
-(two-sample Kolmogorov-Smirnov statistic); each is 0 for identical and 1 for disjoint."""
+(two-sample Kolmogorov-Smirnov statistic); each is 0 for identical and 1 for disjoint.
+Batch scoring compares unlabelled images the same way: their sizes and brightness
+before predicting, the class distribution of the labels predicted for them after."""
 
 from __future__ import annotations
 
@@ -69,7 +71,9 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
 
     reference, current = _usable(reference), _usable(current)
     report = DriftReport(reference_name, params.warn_threshold, params.fail_threshold)
-    statistics = {"class distribution": class_distance(reference, current)}
+    statistics = {}
+    if "label" in current:  # images not yet labelled (scoring, before predicting) have none
+        statistics["class distribution"] = class_distance(reference, current)
     for column in NUMERIC:
         if column in reference and column in current:
             ref, cur = reference[column].dropna(), current[column].dropna()
@@ -83,7 +87,8 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, params: DriftParams,
     return report
 
 
-def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path) -> Path:
+def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path,
+               current_name: str = "new data") -> Path:
     from matplotlib.figure import Figure
 
     reference, current = _usable(reference), _usable(current)
@@ -91,10 +96,10 @@ def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path) -> Pa
     classes, brightness = fig.subplots(1, 2)
     shares = pd.DataFrame({
         "champion's data": reference["label"].astype(str).value_counts(normalize=True),
-        "new data": current["label"].astype(str).value_counts(normalize=True)}).fillna(0)
+        current_name: current["label"].astype(str).value_counts(normalize=True)}).fillna(0)
     shares.sort_index().plot.bar(ax=classes, rot=0)
     classes.set(title="Class distribution", xlabel="label", ylabel="share of images")
-    for name, facts in (("champion's data", reference), ("new data", current)):
+    for name, facts in (("champion's data", reference), (current_name, current)):
         if "brightness" in facts:
             brightness.hist(facts["brightness"].dropna().astype(float), bins=30, range=(0, 1),
                             alpha=0.5, density=True, label=name)
@@ -107,9 +112,9 @@ def plot_drift(reference: pd.DataFrame, current: pd.DataFrame, path: Path) -> Pa
 
 
 def write_drift(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame,
-                out_dir: Path) -> list[Path]:
+                out_dir: Path, current_name: str = "new data") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "drift.json"
     report_path.write_text(json.dumps(report.to_dict(), indent=2))
-    return [report_path, plot_drift(reference, current, out_dir / "drift.png")]
+    return [report_path, plot_drift(reference, current, out_dir / "drift.png", current_name)]
 

@@ -1,6 +1,11 @@
-"""Score registered versions on the current test split (the same split the flow uses)."""
+"""Score registered versions on the current test split (the same split the flow uses),
+and batch-score images with the champion (`visionops score`, flows/score.py)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
 
 from visionops.core.config import Params
 from visionops.io.registry import Registry
@@ -45,3 +50,190 @@ def compare_versions(params: Params, versions: list[str]) -> dict:
                     for metric in evaluations[names[0]].metrics},
         "mcnemar": {"b": b, "c": c, "p_value": p_value},
     }
+
+
+# -- batch scoring (`visionops score`, flows/score.py) ---------------------------------------
+
+ROWS_PER_GROUP = 8_192  # rows a Parquet row group holds: what memory holds of the output
+PROGRESS_EVERY = 1_000  # images between two progress lines
+FACT_COLUMNS = ["path", "inside_root", "format", "width", "height", "decodable",
+                "brightness", "error"]
+
+
+def scoring_experiment(params: Params) -> str:
+    """`<mlflow.experiment_name>-scoring`, created the first time (local artifacts for a
+    local store, as for the retrain experiment)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = f"{params.mlflow.experiment_name}-scoring"
+    mlflow.set_tracking_uri(params.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    local_store = params.tracking_uri.startswith(("sqlite:", "file:", "/"))
+    try:
+        return mlflow.create_experiment(
+            name, artifact_location=params.artifact_location if local_store else None)
+    except MlflowException as exc:  # created meanwhile by another run
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def input_facts(root, files: list[str], max_side: int):
+    """What the drift check measures of each file (visionops.core.images.image_facts),
+    unlabelled; a file whose real path leaves `root`, or whose header is over `max_side`,
+    is not decoded."""
+    import pandas as pd
+
+    from visionops.core.images import image_facts
+
+    rows = [{key: facts[key] for key in FACT_COLUMNS}
+            for facts in (image_facts(root, name, "", max_side) for name in files)]
+    return pd.DataFrame(rows, columns=FACT_COLUMNS)
+
+
+def skip_reason(facts: dict) -> str | None:
+    """Why a file is not scored (None: it is), from its row of `input_facts`."""
+    if str(facts["decodable"]) == "True":
+        return None
+    if isinstance(facts["error"], str):
+        return facts["error"]  # not decodable, or leads outside the folder
+    if str(facts["decodable"]) == "False":
+        return "not a decodable image"
+    return f"{facts['width']:.0f}x{facts['height']:.0f} px, over validation.max_side"
+
+
+def probability_columns(class_names: list[str]) -> list[str]:
+    return [f"probability_{name}" for name in class_names]
+
+
+class PredictionsFile:
+    """One Parquet file of predictions, a row per image: path (file path or s3:// URL),
+    label, probability (the top one), probability_<class> per class, model_version,
+    model_name. Rows are written in row groups as they come; the file is written under a
+    temporary name beside `path` and renamed to it by `close`, so `path` is whole or
+    absent."""
+
+    def __init__(self, path, class_names: list[str], model_name: str, model_version: str):
+        import secrets
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.class_names = path, class_names
+        self.model = {"model_version": str(model_version), "model_name": model_name}
+        self.schema = pa.schema([("path", pa.string()), ("label", pa.string()),
+                                 ("probability", pa.float32()),
+                                 *((column, pa.float32())
+                                   for column in probability_columns(class_names)),
+                                 ("model_version", pa.string()), ("model_name", pa.string())])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        self.writer = pq.ParquetWriter(self.temporary, self.schema)
+        self.pending: list[tuple[list[str], np.ndarray]] = []
+
+    def write(self, locations: list[str], probabilities: np.ndarray) -> None:
+        self.pending.append((locations, probabilities))
+        if sum(len(locations) for locations, _ in self.pending) >= ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.pending:
+            return
+        locations = [location for batch, _ in self.pending for location in batch]
+        probabilities = np.concatenate([rows for _, rows in self.pending]).astype(np.float32)
+        best = probabilities.argmax(axis=1)
+        columns = {"path": locations,
+                   "label": [self.class_names[i] for i in best],
+                   "probability": probabilities[np.arange(len(best)), best],
+                   **{column: probabilities[:, i] for i, column in
+                      enumerate(probability_columns(self.class_names))},
+                   **{key: [value] * len(best) for key, value in self.model.items()}}
+        self.writer.write_table(pa.table(columns, schema=self.schema))
+        self.pending = []
+
+    def close(self) -> None:
+        import os
+
+        self._flush()
+        self.writer.close()
+        with self.temporary.open("rb") as written:
+            os.fsync(written.fileno())  # on disk before it takes the name
+        os.replace(self.temporary, self.path)
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.temporary.unlink(missing_ok=True)
+
+
+def probability_batches(champion, paths: list):
+    """The champion's class probabilities for the files, a batch at a time, through the
+    prediction pipeline and step size `visionops predict` uses (visionops.core.predict)."""
+    from visionops.core.pipeline import model_input, predict_files
+    from visionops.core.predict import INPUT_VALUES_PER_STEP
+
+    size, channels = model_input(champion.model)
+    step = min(1024, max(32, INPUT_VALUES_PER_STEP // (size * size * channels)))
+    return predict_files(champion.model, paths, champion.input_contract, batch_size=step)
+
+
+@dataclass
+class ScoredImages:
+    labels: list[str]          # the predicted label of each image, in order
+    low_confidence: int        # images whose top probability is below the threshold
+    review_copies: list[str]   # where their copies are (a path or s3:// URL each)
+    seconds: float
+
+
+def score_images(champion, root, files: list[str], images: list, formats: list,
+                 predictions: PredictionsFile, review, threshold: float, log) -> ScoredImages:
+    """Predict `files` (relative to `root`; `images` are their SourceImages) into
+    `predictions`; copy each one whose top probability is below `threshold` into the
+    `review` area under its predicted label. `log(done, total, seconds)` is called every
+    PROGRESS_EVERY images."""
+    import time
+
+    started, done, labels, low, copies = time.monotonic(), 0, [], 0, []
+    for batch in probability_batches(champion, [root / name for name in files]):
+        count = len(batch)
+        predictions.write([image.location for image in images[done:done + count]], batch)
+        for offset, row in enumerate(batch):
+            best = int(np.argmax(row))
+            labels.append(champion.class_names[best])
+            if row[best] < threshold:
+                low += 1
+                index = done + offset
+                copies.append(review.add(images[index].name, (root / files[index]).read_bytes(),
+                                       labels[-1], formats[index]))
+        if (done + count) // PROGRESS_EVERY > done // PROGRESS_EVERY:
+            log(done + count, len(files), time.monotonic() - started)
+        done += count
+    return ScoredImages(labels, low, copies, time.monotonic() - started)
+
+
+def champion_facts(champion, params: Params, out_dir):
+    """(the image facts table the champion's run recorded as validation/image_facts.csv,
+    "") or (None, why it could not be read)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from visionops.core.images import FACT_DTYPES
+    from visionops.io.transient import is_transient_error
+
+    if not champion.run_id:
+        return None, f"champion v{champion.version} names no run"
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=champion.run_id, artifact_path="validation/image_facts.csv",
+            dst_path=str(out_dir / "champion"), tracking_uri=params.tracking_uri)
+        return pd.read_csv(path, dtype=FACT_DTYPES), ""
+    except (MlflowException, OSError, ValueError) as exc:
+        if is_transient_error(exc):
+            raise  # the store is away for a moment: the task tries again
+        return None, (f"the image facts of champion v{champion.version} could not be read "
+                      f"({type(exc).__name__}: {exc})")

@@ -135,10 +135,12 @@ def apply_role(url: str, admin: tuple[str, str], username: str, role: str,
 
 def create_writer_resources(url: str, writer_auth: tuple[str, str], experiment_name: str,
                             model_name: str) -> None:
-    """The pipeline's experiment, its promotion history's and its registered model,
-    created by the writer (so it owns them) unless they exist. (A missing registered model
-    reads as 403, not 404, to anyone but the admin, so the writer does not look first.)"""
-    for name in (experiment_name, promotions_experiment(experiment_name)):
+    """The pipeline's experiment, its promotion history's, its scoring runs' and its
+    registered model, created by the writer (so it owns them) unless they exist. (A
+    missing registered model reads as 403, not 404, to anyone but the admin, so the
+    writer does not look first.)"""
+    for name in (experiment_name, promotions_experiment(experiment_name),
+                 f"{experiment_name}-scoring"):  # `visionops score` (visionops.jobs.scoring)
         _call(url, writer_auth, "POST", "/api/2.0/mlflow/experiments/create",
               json={"name": name}, ok_errors=("RESOURCE_ALREADY_EXISTS",))
     _call(url, writer_auth, "POST", "/api/2.0/mlflow/registered-models/create",
