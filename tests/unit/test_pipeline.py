@@ -57,6 +57,14 @@ def test_a_bad_file_is_named(tmp_path):
         decode_image(bad, 8, 1)
 
 
+def test_a_decompression_bomb_is_named_as_unreadable(tmp_path, make_image, monkeypatch):
+    bomb = make_image(tmp_path / "bomb.png", size=(16, 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 256 pixels: over twice the limit
+    with pytest.raises(UnreadableImage, match="bomb.png: not a readable image "
+                                              r"\(DecompressionBombError"):
+        decode_image(bomb, 8, 1)
+
+
 def test_scale_for_each_contract():
     pixels = np.array([[0, 51, 255]], dtype=np.uint8)
     np.testing.assert_allclose(scale_for(pixels, PIXELS), [[0, 51, 255]])

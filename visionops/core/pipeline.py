@@ -53,7 +53,7 @@ def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray
             image = image.convert(mode)
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
-    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises on a bad file
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # a bad file
         raise UnreadableImage(f"{path}: not a readable image ({type(exc).__name__}: {exc})"
                               ) from exc
 
