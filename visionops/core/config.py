@@ -250,6 +250,10 @@ class ServingParams(_Section):
     max_concurrency: int = Field(64, ge=1)    # requests in progress; more get 503
     max_images_per_request: int = Field(64, ge=1)
     max_image_bytes: int = Field(10_000_000, ge=1)  # a larger upload gets 413
+    max_request_bytes: int = Field(32_000_000, ge=1)  # a larger request body gets 413
+    # request bodies held at once, all requests together: past it, 503 Retry-After
+    max_bytes_in_flight: int = Field(256_000_000, ge=1)
+    read_timeout_seconds: float = Field(30.0, gt=0)  # a body not read by then: 408
     summary_seconds: float = Field(60.0, gt=0)  # a summary of traffic logged this often
 
 
