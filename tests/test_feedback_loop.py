@@ -1,7 +1,8 @@
 """The feedback loop end to end, with real MLflow, DVC and Prefect: images the champion is
 unsure of are scored and copied to the review area under their predicted label; a
-reviewer moves each into the landing area under its true label; the next retrain ingests
-them into data/<label>/ (a new dataset version) and trains on them."""
+reviewer moves each into the landing area under its true label; scoring the same images
+again sends none of them back; the next retrain ingests them into data/<label>/ (a new
+dataset version) and trains on them."""
 
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ def test_reviewed_low_confidence_images_are_ingested_and_learned_by_the_next_ret
         (landing / label).mkdir(exist_ok=True)
         moved[_sha256(copy)] = label
         shutil.move(copy, landing / label / copy.name)
+    # The next morning's run scores the same images: what was reviewed does not come back.
+    again = score(str(incoming), str(params_path))
+    assert again["sent_for_review"] == 0 and again["already_sent"] == 9
+    assert not list(review.rglob("*.png"))
     before = content_hash(root / "data")
 
     summary = retrain(params_path=str(params_path))

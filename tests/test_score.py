@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from projects import visionops, write_params
 
-from flows.score import score
+from flows.score import _default_output, score
+from visionops.core.config import load_params
 
 MODEL = "tiny-digits"
 
@@ -175,3 +179,114 @@ def test_a_missing_or_empty_folder_is_a_clear_error_before_any_run(scoring, tmp_
 
     assert len(client.search_runs([experiment.experiment_id])) == runs_before
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_file_broken_or_deleted_after_its_facts_is_skipped_and_the_rest_scored(scoring,
+                                                                                 tmp_path):
+    from visionops.io.feedback import ReviewArea
+    from visionops.io.models import load_champion
+    from visionops.io.sources import open_source
+    from visionops.jobs.scoring import PredictionsFile, score_images
+
+    _, params, images = scoring
+    champion = load_champion(load_params(params))
+    source = open_source(shutil.copytree(images, tmp_path / "images"))
+    listed = source.list()
+
+    def run(images: list, output: Path, step: int | None = None):
+        predictions = PredictionsFile(output, champion.class_names, MODEL, champion.version)
+        with source.stage(images) as staged:
+            result = score_images(champion, staged.root, staged.files, images,
+                                  [None] * len(images), predictions,
+                                  ReviewArea(str(tmp_path / "review")), 0.0,
+                                  lambda *_: None, step=step)
+        predictions.close()
+        return result, pq.read_table(output).to_pandas()
+
+    broken, deleted = listed[5], listed[13]
+    healthy = [image for image in listed if image not in (broken, deleted)]
+    expected_result, expected = run(healthy, tmp_path / "expected.parquet")
+    Path(broken.location).write_bytes(b"\x89PNG\r\n\x1a\n replaced since its facts were read")
+    Path(deleted.location).unlink()
+
+    result, table = run(listed, tmp_path / "scored.parquet", step=4)  # 5 batches
+
+    assert result.skipped.keys() == {5, 13}
+    assert result.skipped[5].startswith("not a readable image (")
+    assert result.skipped[13] == "gone since it was listed"
+    assert table["path"].tolist() == expected["path"].tolist() == [
+        image.location for image in healthy]
+    assert result.labels == expected_result.labels == table["label"].tolist()
+    columns = [f"probability_{name}" for name in champion.class_names]
+    assert np.allclose(table[columns], expected[columns], atol=1e-5)
+
+
+def test_the_next_run_reports_a_killed_run_and_removes_what_it_left(scoring, tmp_path):
+    """...and a review area refusing every copy costs the copies, not the predictions."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from visionops.jobs.scoring import scoring_experiment
+
+    root, _, images = scoring
+    (tmp_path / "review").write_text("a file where the review folder should be")
+    params_path = write_params(tmp_path, {
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment_name": "tiny",
+                   "artifact_root": str(root / "mlartifacts")},
+        "feedback": {"review_dir": str(tmp_path / "review"), "confidence_threshold": 1.0}})
+    killed = f"killed-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as prefect:
+        prefect.create_flow_run(score, name=killed, parameters={"params_path": str(params_path)},
+                                state=Crashed(message="its process is gone (SIGKILL)"))
+    client = _client(root)
+    killed_run = client.create_run(scoring_experiment(load_params(params_path)),
+                                   run_name=f"score-{killed}")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, fresh = out / ".a.parquet.0123abcd.tmp", out / ".b.parquet.89abcdef.tmp"
+    stale.write_bytes(b"PAR1")
+    fresh.write_bytes(b"PAR1")  # a run writing now
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    staging = Path(tempfile.mkdtemp(prefix="visionops-score-"))
+    (staging / "00000000.png").write_bytes(b"staged")
+    os.utime(staging, (time.time() - 2 * 86400,) * 2)
+
+    summary = score(str(images), str(params_path), str(out / "scored.parquet"))
+
+    report = (tmp_path / "reports" / "failures" / f"{killed}.md").read_text()
+    assert report.startswith(f"# score run {killed} crashed") and "SIGKILL" in report
+    assert client.get_run(killed_run.info.run_id).info.status == "KILLED"
+    assert not stale.exists() and fresh.exists() and not staging.exists()
+    table = pq.read_table(out / "scored.parquet").to_pandas()
+    unsure = int((table["probability"] < 1.0).sum())
+    assert len(table) == summary["images"] == 20
+    assert 0 < unsure == summary["review_failed"] and summary["sent_for_review"] == 0
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["review_failed"] == unsure
+    warning = run.data.tags["review_warning"]
+    assert warning.startswith(f"{unsure} of {unsure} low-confidence images could not be "
+                              f"copied to {tmp_path / 'review'}; the first: ")
+    assert "NotADirectoryError" in warning or "FileExistsError" in warning
+
+
+def test_a_failing_run_leaves_a_report_naming_the_fix_and_no_credential(prefect_server,
+                                                                         tmp_path):
+    params_path = write_params(tmp_path)  # scoring.source unset: the scheduled run's mistake
+
+    with pytest.raises(ValueError, match="set scoring.source in params.yaml"):
+        score(params_path=str(params_path))
+    with pytest.raises(ValueError, match="credentials come from the environment"):
+        score("s3://AKIAKEY:sekrit@bucket/images", str(params_path))
+
+    reports = [path.read_text() for path in (tmp_path / "reports" / "failures").glob("*.md")]
+    assert len(reports) == 2 and all(text.startswith("# score run ") for text in reports)
+    assert all("**Step:** the flow itself" in text for text in reports)
+    assert any("or set scoring.source in params.yaml" in text for text in reports)
+    assert not any("sekrit" in text for text in reports)
+
+
+def test_two_runs_in_one_second_write_two_files(tmp_path):
+    params = load_params(write_params(tmp_path))
+    first, second = _default_output(params, "3"), _default_output(params, "3")
+    assert first != second and first.parent == second.parent == params.scoring_output_dir
+    assert first.name.endswith(".parquet") and "-v3-" in first.name

@@ -275,7 +275,9 @@ def score(
         return
     typer.echo(f"{summary['images']} images scored by champion v{summary['model_version']} "
                f"into {summary['output']}; drift: {summary['drift_status']}; "
-               f"{summary['sent_for_review']} sent for review to {summary['review_dir']}")
+               f"{summary['sent_for_review']} sent for review to {summary['review_dir']}"
+               + (f" ({summary['already_sent']} sent before)" if summary.get("already_sent")
+                  else ""))
 
 
 models_app = typer.Typer(no_args_is_help=True,

@@ -1,18 +1,26 @@
 """The review area of the feedback loop: production images the champion was unsure of,
 copied as `<review area>/<predicted label>/<name>-<content hash><suffix>`, the landing
 layout. A person checks each one and moves it into the landing area under its right
-label (`mv review/3/x-ab12.png landing/8/`); the next ingest takes it, and the next
-retrain learns from it. The area is a local folder or an S3 prefix (boto3, endpoint and
-credentials from the environment, as for landing areas)."""
+label (`mv review/3/x-ab12.png landing/8/`) or deletes it; the next ingest takes it, and
+the next retrain learns from it. The area is a local folder or an S3 prefix (boto3,
+endpoint and credentials from the environment, as for landing areas).
+
+The area remembers what it was sent, by a marker per content hash,
+`.visionops/sent/<sha256>`: an image is sent once, ever, so one a reviewer moved away or
+deleted does not come back when the same source is scored again. `.visionops/` is the
+folder landing areas ignore (visionops.io.landing), and no label starts with a dot."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path, PurePosixPath
 
 from visionops.core.files import write_atomic
+from visionops.io.landing import OWN_FOLDER
 
+SENT = f"{OWN_FOLDER}/sent"
 SUFFIX_OF_FORMAT = {"PNG": ".png", "JPEG": ".jpg"}
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -30,7 +38,7 @@ def review_name(name: str, content: bytes, image_format: str | None = None) -> s
 
 class ReviewArea:
     """Where low-confidence images are copied; `add` never overwrites a file already there
-    (a person may be looking at it)."""
+    (a person may be looking at it), nor sends an image twice."""
 
     def __init__(self, location: str, client=None):
         self.location = location.rstrip("/")
@@ -43,28 +51,50 @@ class ReviewArea:
             self.client = client or boto3.session.Session().client("s3")
 
     def add(self, name: str, content: bytes, label: str, image_format: str | None = None
-            ) -> str:
-        """Copy one image under its predicted label; where it is (a path or s3:// URL)."""
+            ) -> str | None:
+        """Copy one image under its predicted label; where it is (a path or s3:// URL), or
+        None when this content was sent before (wherever that copy is now). The copy is
+        written before its marker: a run killed between them sends it again, never loses it."""
         if not label or label.startswith(".") or "/" in label or "\\" in label:
             raise ValueError(f"{label!r} is not a label folder name")
-        file_name = review_name(name, content, image_format)
+        copy = f"{label}/{review_name(name, content, image_format)}"
+        marker = f"{SENT}/{hashlib.sha256(content).hexdigest()}"
+        record = json.dumps({"copy": copy}).encode()
         if self.s3:
-            return self._put(f"{label}/{file_name}", content)
-        folder = Path(self.location) / label
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / file_name
-        if not target.exists():
-            write_atomic(target, content, mode=0o644)
-        return str(target)
+            if self._exists(marker):
+                return None
+            self._put_new(copy, content)
+            self._put_new(marker, record)
+            return f"s3://{self.bucket}/{self._key(copy)}"
+        root = Path(self.location)
+        if (root / marker).exists():
+            return None
+        for path, data in ((root / copy, content), (root / marker, record)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                write_atomic(path, data, mode=0o644)
+        return str(root / copy)
 
-    def _put(self, key: str, content: bytes) -> str:
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        object_key = f"{self.prefix}/{key}" if self.prefix else key
         try:
-            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=content,
-                                   IfNoneMatch="*")
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def _put_new(self, key: str, content: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=content,
+                                   IfNoneMatch="*")
+        except ClientError as exc:  # already there: a person may be looking at it
             if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
                 raise
-        return f"s3://{self.bucket}/{object_key}"

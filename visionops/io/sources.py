@@ -5,19 +5,23 @@ S3 prefix (boto3; endpoint and credentials from the environment, as for landing 
 them from: the folder itself, or, for S3, a temporary folder the objects are streamed
 into (1 MiB at a time, so memory does not grow with an image or with their number; the
 disk holds the batch until the block ends). Staged objects are named by their position,
-never by their key: a key such as `a/../../x.png` cannot write outside the folder."""
+never by their key: a key such as `a/../../x.png` cannot write outside the folder. An
+object deleted between listing and staging is left out with its reason (`Staged.gone`);
+the run scores the others. An S3 URL carries no user, password or query (a signature):
+credentials come from the environment, and the URL is shown and logged."""
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from visionops.core.images import IMAGE_SUFFIXES
 
 CHUNK = 1 << 20
+STAGING_PREFIX = "visionops-score-"  # of the temporary folders S3 objects are staged in
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class SourceImage:
 class Staged:
     root: Path
     files: list[str]  # each image's path relative to root, in the order listed
+    gone: dict[str, str] = field(default_factory=dict)  # file -> why it is not there
 
 
 class FolderSource:
@@ -58,6 +63,9 @@ class S3Source:
         import boto3
 
         self.bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if "@" in self.bucket or "?" in url:  # not echoed: it may be a key or a signature
+            raise ValueError("an S3 source is s3://bucket/prefix, without a user, password "
+                             "or query: credentials come from the environment (AWS_*)")
         if not self.bucket:
             raise ValueError(f"{url}: expected s3://bucket/prefix")
         self.prefix = prefix.strip("/")
@@ -78,13 +86,20 @@ class S3Source:
 
     @contextlib.contextmanager
     def stage(self, images: list[SourceImage]) -> Iterator[Staged]:
-        with tempfile.TemporaryDirectory(prefix="visionops-score-") as scratch:
-            files = []
+        from botocore.exceptions import ClientError
+
+        with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX) as scratch:
+            staged = Staged(Path(scratch), [])
             for index, image in enumerate(images):
                 name = f"{index:08d}{PurePosixPath(image.name).suffix.lower()}"
-                self._download(image, Path(scratch) / name)
-                files.append(name)
-            yield Staged(Path(scratch), files)
+                staged.files.append(name)
+                try:
+                    self._download(image, staged.root / name)
+                except ClientError as exc:
+                    if exc.response["Error"]["Code"] not in ("NoSuchKey", "404"):
+                        raise
+                    staged.gone[name] = "deleted since it was listed (NoSuchKey)"
+            yield staged
 
     def _download(self, image: SourceImage, target: Path) -> None:
         key = image.location.removeprefix(f"s3://{self.bucket}/")

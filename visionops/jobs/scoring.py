@@ -3,7 +3,9 @@ and batch-score images with the champion (`visionops score`, flows/score.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -84,14 +86,25 @@ def scoring_experiment(params: Params) -> str:
 def input_facts(root, files: list[str], max_side: int):
     """What the drift check measures of each file (visionops.core.images.image_facts),
     unlabelled; a file whose real path leaves `root`, or whose header is over `max_side`,
-    is not decoded."""
+    is not decoded; one that cannot be read (gone since it was listed) says why."""
     import pandas as pd
 
     from visionops.core.images import image_facts
 
-    rows = [{key: facts[key] for key in FACT_COLUMNS}
-            for facts in (image_facts(root, name, "", max_side) for name in files)]
+    def facts(name: str) -> dict:
+        try:
+            return image_facts(root, name, "", max_side)
+        except OSError as exc:
+            return {"path": name, "decodable": False, "error": _unreadable(exc)}
+
+    rows = [{key: found.get(key) for key in FACT_COLUMNS} for found in map(facts, files)]
     return pd.DataFrame(rows, columns=FACT_COLUMNS)
+
+
+def _unreadable(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "gone since it was listed"
+    return f"could not be read ({type(exc).__name__}: {exc.strerror or exc})"
 
 
 def skip_reason(facts: dict) -> str | None:
@@ -170,49 +183,124 @@ class PredictionsFile:
         self.temporary.unlink(missing_ok=True)
 
 
-def probability_batches(champion, paths: list):
-    """The champion's class probabilities for the files, a batch at a time, through the
-    prediction pipeline and step size `visionops predict` uses (visionops.core.predict)."""
-    from visionops.core.pipeline import model_input, predict_files
+def batch_size(champion) -> int:
+    """The prediction step `visionops predict` uses (visionops.core.predict)."""
+    from visionops.core.pipeline import model_input
     from visionops.core.predict import INPUT_VALUES_PER_STEP
 
     size, channels = model_input(champion.model)
-    step = min(1024, max(32, INPUT_VALUES_PER_STEP // (size * size * channels)))
-    return predict_files(champion.model, paths, champion.input_contract, batch_size=step)
+    return min(1024, max(32, INPUT_VALUES_PER_STEP // (size * size * channels)))
+
+
+def probability_batches(champion, paths: list, skipped: dict[int, str], step: int
+                        ) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices into `paths`, the champion's class probabilities for them), a batch at a
+    time, through the prediction pipeline of `visionops predict`. A file that cannot be
+    decoded now (replaced or deleted since its facts were read) is left out, its reason
+    in `skipped`: the `step` files from where decoding failed are predicted file by file,
+    then the fast pipeline takes up the rest."""
+    from visionops.core.pipeline import UnreadableImage, predict_files
+
+    start = 0
+    while start < len(paths):
+        try:
+            for batch in predict_files(champion.model, paths[start:], champion.input_contract,
+                                       batch_size=step):
+                yield list(range(start, start + len(batch))), batch
+                start += len(batch)
+        except UnreadableImage:
+            end = min(start + step, len(paths))
+            yield from _one_by_one(champion, paths, range(start, end), skipped)
+            start = end
+
+
+def _one_by_one(champion, paths: list, indices: range, skipped: dict[int, str]):
+    from visionops.core.pipeline import UnreadableImage, decode_image, model_input, scale_for
+
+    size, channels = model_input(champion.model)
+    kept, pixels = [], []
+    for index in indices:
+        try:
+            pixels.append(decode_image(paths[index], size, channels))
+            kept.append(index)
+        except UnreadableImage as exc:
+            skipped[index] = ("gone since it was listed" if not Path(paths[index]).exists()
+                              else str(exc).removeprefix(f"{paths[index]}: "))
+    if kept:
+        inputs = scale_for(np.stack(pixels), champion.input_contract)
+        yield kept, np.asarray(champion.model.predict_on_batch(inputs))
 
 
 @dataclass
 class ScoredImages:
-    labels: list[str]          # the predicted label of each image, in order
+    labels: list[str]          # the predicted label of each image scored, in order
+    skipped: dict[int, str]    # index of a file not scored -> why (unreadable at prediction)
     low_confidence: int        # images whose top probability is below the threshold
-    review_copies: list[str]   # where their copies are (a path or s3:// URL each)
+    review_copies: list[str]   # where the copies sent now are (a path or s3:// URL each)
+    already_sent: int          # low-confidence images the review area had been sent before
+    review_failed: int         # low-confidence images that could not be copied
+    review_problem: str        # why the first of those could not ("" when none failed)
     seconds: float
 
 
+REVIEW_GIVE_UP = 10  # failed copies in a row after which the review area is not tried again
+
+
+@dataclass
+class ReviewTally:
+    """What became of the low-confidence images: copied, sent before, or failed."""
+    low_confidence: int = 0
+    copies: list[str] = field(default_factory=list)
+    already: int = 0
+    failed: int = 0
+    failed_in_a_row: int = 0
+    problem: str = ""
+
+    def copy(self, review, name: str, path: Path, label: str, image_format) -> None:
+        self.low_confidence += 1
+        if self.failed_in_a_row >= REVIEW_GIVE_UP:
+            self.failed += 1
+            return
+        try:
+            where = review.add(name, path.read_bytes(), label, image_format)
+        except Exception as exc:  # noqa: BLE001 - the area refusing: the predictions stay
+            self.failed, self.failed_in_a_row = self.failed + 1, self.failed_in_a_row + 1
+            self.problem = self.problem or f"{name}: {type(exc).__name__}: {exc}"
+            return
+        self.failed_in_a_row = 0
+        if where is None:
+            self.already += 1
+        else:
+            self.copies.append(where)
+
+
 def score_images(champion, root, files: list[str], images: list, formats: list,
-                 predictions: PredictionsFile, review, threshold: float, log) -> ScoredImages:
+                 predictions: PredictionsFile, review, threshold: float, log,
+                 step: int | None = None) -> ScoredImages:
     """Predict `files` (relative to `root`; `images` are their SourceImages) into
-    `predictions`; copy each one whose top probability is below `threshold` into the
-    `review` area under its predicted label. `log(done, total, seconds)` is called every
-    PROGRESS_EVERY images."""
+    `predictions`, `step` at a time (default: `batch_size`); copy each one whose top
+    probability is below `threshold` into the `review` area under its predicted label.
+    A file that cannot be decoded now is skipped, a copy that fails is counted: neither
+    stops the batch. `log(done, total, seconds)` is called every PROGRESS_EVERY images."""
     import time
 
-    started, done, labels, low, copies = time.monotonic(), 0, [], 0, []
-    for batch in probability_batches(champion, [root / name for name in files]):
-        count = len(batch)
-        predictions.write([image.location for image in images[done:done + count]], batch)
-        for offset, row in enumerate(batch):
+    started, done, labels, skipped = time.monotonic(), 0, [], {}
+    tally = ReviewTally()
+    paths = [root / name for name in files]
+    for indices, batch in probability_batches(champion, paths, skipped, step or
+                                              batch_size(champion)):
+        predictions.write([images[index].location for index in indices], batch)
+        for index, row in zip(indices, batch, strict=True):
             best = int(np.argmax(row))
             labels.append(champion.class_names[best])
             if row[best] < threshold:
-                low += 1
-                index = done + offset
-                copies.append(review.add(images[index].name, (root / files[index]).read_bytes(),
-                                       labels[-1], formats[index]))
-        if (done + count) // PROGRESS_EVERY > done // PROGRESS_EVERY:
-            log(done + count, len(files), time.monotonic() - started)
-        done += count
-    return ScoredImages(labels, low, copies, time.monotonic() - started)
+                tally.copy(review, images[index].name, paths[index], labels[-1],
+                          formats[index])
+        if (done + len(batch)) // PROGRESS_EVERY > done // PROGRESS_EVERY:
+            log(done + len(batch), len(files), time.monotonic() - started)
+        done += len(batch)
+    return ScoredImages(labels, skipped, tally.low_confidence, tally.copies, tally.already,
+                        tally.failed, tally.problem, time.monotonic() - started)
 
 
 def champion_facts(champion, params: Params, out_dir):
