@@ -2,41 +2,60 @@
 SQLite MLflow store holding two different tiny versions and one that carries a pickle,
 asked over HTTP. It answers as `visionops predict` does, follows the alias through a
 promotion and a rollback without failing a request, refuses bad input with the reason
-and goes on, counts everything in /metrics and copies unsure images for review."""
+and goes on, bounds the bytes it holds and the time a body may take, counts everything
+in /metrics and copies unsure images for review. The faults no client can cause (a model
+call that fails or hangs, a temporary file that cannot be written, a thread that ends)
+are injected into the same app run in this process (`in_process`)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
+import queue
 import random
 import re
 import signal
+import socket
+import struct
 import subprocess
+import tempfile
 import threading
+import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import uvicorn
+from PIL import Image
 from projects import write_params
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_versions import VISIONOPS, Registration, ServingProcess
+from tiny_versions import VISIONOPS, Registration, ServingProcess, free_port
 
 from visionops.core.config import load_params
 from visionops.core.demo import write_digits
 from visionops.io.feedback import review_name
 from visionops.io.registry import Registry
+from visionops.serving.champion import Served
+from visionops.serving.server import Service as App
+from visionops.serving.server import create_app
 
 MODEL = "serving-tiny"
 THRESHOLD = 0.43  # splits v1's answers on these images (checked)
 LIMITS = {"poll_seconds": 0.2, "max_batch": 16, "batch_wait_ms": 5, "max_concurrency": 34,
-          "max_images_per_request": 4, "max_image_bytes": 2000, "summary_seconds": 1}
+          "max_images_per_request": 4, "max_image_bytes": 2000, "summary_seconds": 1,
+          "max_request_bytes": 10_000, "max_bytes_in_flight": 40_000,
+          "read_timeout_seconds": 2}
 TOLERANCE = 1e-5
 
 
 @dataclass
 class Service:
+    params_file: Path
     server: ServingProcess
     registry: Registry
     answers: dict[str, dict[str, dict]]  # version -> image name -> visionops predict's row
@@ -92,8 +111,8 @@ def service(tmp_path_factory):
         cli = subprocess.Popen([str(VISIONOPS), "predict", "--json", "--params",
                                 str(params_file), *map(str, images.values())],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        yield Service(server, registry, registered["answers"], images, registered["unsafe"],
-                      marker, root / "review", before_load, cli)
+        yield Service(params_file, server, registry, registered["answers"], images,
+                      registered["unsafe"], marker, root / "review", before_load, cli)
     finally:
         server.stop()
         registration.stop()
@@ -202,10 +221,50 @@ def _b64(content: bytes) -> str:
     return base64.b64encode(content).decode()
 
 
+def _encoded(image_format: str, size: tuple[int, int] = (8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, 7).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _png_saying(width: int, height: int) -> bytes:
+    """A 73-byte PNG whose header says width x height: decoded, it would take
+    width * height bytes before its data ran out."""
+    png = _encoded("PNG")
+    header = png[12:16] + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + header + struct.pack(">I", zlib.crc32(header)) + png[33:]
+
+
+def _chunked(size: int):
+    for _ in range(size // 1000):
+        yield b"-" * 1000
+
+
+def _file(name: str, content: bytes, kind: str = "image/png") -> dict:
+    return {"files": [("files", (name, content, kind))]}
+
+
 # name: (the request, given a good PNG's bytes), status, error, a text the detail names
 BAD_INPUTS = {
-    "not an image": (lambda png: {"files": [("files", ("notes.txt", b"just text", "text/plain"))]},
-                     400, "not_an_image", "notes.txt"),
+    "not an image": (lambda png: _file("notes.txt", b"just text", "text/plain"),
+                     415, "unsupported_format", "notes.txt: not a PNG or JPEG image"),
+    "a GIF": (lambda png: _file("a.gif", _encoded("GIF")), 415, "unsupported_format",
+              "a.gif: not a PNG or JPEG image (validation.allowed_formats: PNG, JPEG)"),
+    "a WebP": (lambda png: _file("a.webp", _encoded("WEBP")), 415, "unsupported_format",
+               "a.webp: not a PNG or JPEG"),
+    "a BMP": (lambda png: _file("a.bmp", _encoded("BMP")), 415, "unsupported_format",
+              "a.bmp: not a PNG or JPEG"),
+    "a TIFF in base64": (lambda png: {"json": [_b64(png), _b64(_encoded("TIFF"))]}, 415,
+                         "unsupported_format", "image-1: not a PNG or JPEG"),
+    "an image too large in pixels": (lambda png: _file("huge.png", _png_saying(13000, 13000)),
+                                     413, "image_too_large_in_pixels",
+                                     "huge.png: 13000x13000 pixels, a side over "
+                                     "validation.max_side (8192)"),
+    "a side too long": (lambda png: _file("long.png", _png_saying(8193, 8)), 413,
+                        "image_too_large_in_pixels", "long.png: 8193x8 pixels"),
+    "an image too small": (lambda png: _file("tiny.png", _encoded("PNG", (4, 4))), 422,
+                           "image_too_small", "tiny.png: 4x4 pixels, a side under "
+                                              "validation.min_side (8)"),
     "an empty file": (lambda png: {"files": [("files", ("empty.png", b"", "image/png"))]},
                       400, "not_an_image", "empty.png"),
     "a cut-off image": (lambda png: {"files": [("files", ("cut.png", png[:40], "image/png"))]},
@@ -216,8 +275,12 @@ BAD_INPUTS = {
                           413, "image_too_large", "big.png"),
     "a too large base64 image": (lambda png: {"json": [_b64(_big())]}, 413, "image_too_large",
                                  "image-0"),
-    "a too large body": (lambda png: {"content": b"-" * 30_000, "headers": {
-        "Content-Type": "multipart/form-data; boundary=x"}}, 413, "body_too_large", "larger"),
+    "a too large body": (lambda png: {"content": b"-" * 15_000, "headers": {
+        "Content-Type": "multipart/form-data; boundary=x"}}, 413, "body_too_large",
+                         "larger than 10000 bytes (serving.max_request_bytes)"),
+    "a too large body without a length": (lambda png: {"content": _chunked(15_000), "headers": {
+        "Content-Type": "multipart/form-data; boundary=x"}}, 413, "body_too_large",
+                                          "larger than 10000 bytes (serving.max_request_bytes)"),
     "too many files": (lambda png: {"files": [("files", (f"{i}.png", png, "image/png"))
                                               for i in range(5)]},
                        413, "too_many_images", "max_images_per_request"),
@@ -260,20 +323,20 @@ def test_metrics_count_the_traffic(service):
     names = list(service.images)[4:8]
     before = service.metrics()
     assert service.post(files=service.files(names)).status_code == 200
-    assert service.post(files=[("files", ("x.txt", b"x", "text/plain"))]).status_code == 400
+    assert service.post(files=[("files", ("x.txt", b"x", "text/plain"))]).status_code == 415
     service.server.wait_for(lambda: value(
         service.metrics(), "visionops_serving_requests_total", endpoint="/predict",
-        status="400") > value(before, "visionops_serving_requests_total",
-                              endpoint="/predict", status="400"), "the requests counted")
+        status="415") > value(before, "visionops_serving_requests_total",
+                              endpoint="/predict", status="415"), "the requests counted")
     after = service.metrics()
 
     def grew(name: str, **labels) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert grew("visionops_serving_requests_total", endpoint="/predict", status="200") == 1
-    assert grew("visionops_serving_requests_total", endpoint="/predict", status="400") == 1
+    assert grew("visionops_serving_requests_total", endpoint="/predict", status="415") == 1
     assert grew("visionops_serving_request_seconds_count", endpoint="/predict") == 2
-    assert grew("visionops_serving_errors_total", reason="not_an_image") == 1
+    assert grew("visionops_serving_errors_total", reason="unsupported_format") == 1
     assert grew("visionops_serving_images_predicted_total") == 4
     labels = Counter(service.answers["1"][name]["label"] for name in names)
     for label in ["0", "1", "2", "3"]:
@@ -284,6 +347,10 @@ def test_metrics_count_the_traffic(service):
     assert value(after, "visionops_serving_model_info", model_name=MODEL, version="1",
                  data_version="tiny-1", run_id=service.registry.version("1").run_id) == 1
     assert value(after, "visionops_serving_model_loads_total", outcome="loaded") >= 1
+    polled = value(after, "visionops_serving_last_poll_timestamp_seconds")
+    assert time.time() - 10 < polled <= time.time()  # polls every 0.2 s
+    service.server.wait_for(lambda: value(service.metrics(), "visionops_serving_last_poll_"
+                                          "timestamp_seconds") > polled, "the next poll")
 
 
 def test_unsure_predictions_are_copied_for_review_off_the_request_path(service):
@@ -301,16 +368,20 @@ def test_unsure_predictions_are_copied_for_review_off_the_request_path(service):
         assert service.post(files=service.files(names[start:start + 4])).status_code == 200
     expected = {copy_of(name, v1) for name in unsure}
 
-    def copies() -> set[tuple[str, str]]:
-        return {(path.parent.name, path.name) for path in service.review.rglob("*")
-                if path.is_file()}
+    def copies() -> set[tuple[str, str]]:  # (label, file): the area's own folder left out
+        return {(path.parent.name, path.name) for path in service.review.glob("*/*")
+                if path.is_file() and not path.parent.name.startswith(".")}
 
-    service.server.wait_for(lambda: expected <= copies(), "the review copies")
-    # Nothing else: only unsure answers, of v1 or of v2 while it served, also of images
-    # sent as base64 (named image-<i>): compared on label and content hash.
     def content_of(copies: set[tuple[str, str]]) -> set[tuple[str, str]]:
         return {(label, name.rsplit("-", 1)[1]) for label, name in copies}
 
+    def hashes(copies: set[tuple[str, str]]) -> set[str]:
+        return {content for _, content in content_of(copies)}
+
+    # Each unsure image is sent once: under v1's label, or under v2's if v2 was unsure of
+    # it too while it served. Nothing else: only unsure answers, also of images sent as
+    # base64 (named image-<i>), compared on label and content hash.
+    service.server.wait_for(lambda: hashes(expected) <= hashes(copies()), "the review copies")
     allowed = expected | {copy_of(name, v2) for name, row in v2.items()
                           if row["probability"] < THRESHOLD}
     assert content_of(copies()) <= content_of(allowed)
@@ -343,41 +414,83 @@ def test_requests_that_arrive_together_are_predicted_together(service):
     assert calls < clients  # some model calls answered several requests
 
 
-def test_requests_past_max_concurrency_get_503_with_retry_after(service):
-    limit, release = LIMITS["max_concurrency"], threading.Event()
-    good = list(service.images)[0]
-    body = f'["{_b64(service.images[good].read_bytes())}"]'.encode()
-    answers = []
+def test_a_jpeg_is_taken_as_a_png_is(service):  # after the review test: its copy is .jpg
+    name = list(service.images)[0]
+    buffer = io.BytesIO()
+    Image.open(service.images[name]).save(buffer, format="JPEG", quality=100)
+    answer = service.post(files=[("files", ("digit.jpg", buffer.getvalue(), "image/jpeg"))])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"][0]["name"] == "digit.jpg"
 
-    def slow_body():
-        yield body[:10]
-        release.wait(60)
-        yield body[10:]
 
-    def slow_client() -> None:
-        try:
-            answers.append(service.post(content=slow_body(),
-                                        headers={"Content-Type": "application/json"}))
-        except httpx.HTTPError as exc:
-            answers.append(exc)
+def _stalled(port: int, length: int) -> socket.socket:
+    """A client that sends its headers and the first bytes of a body of `length`, then
+    nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+                 "Content-Type: multipart/form-data; boundary=x\r\n\r\n--x\r\n".encode())
+    return sock
 
-    slow = [threading.Thread(target=slow_client) for _ in range(limit)]
-    for thread in slow:
-        thread.start()
+
+def _answer(sock: socket.socket) -> tuple[int, dict, dict]:
+    """Status, headers and JSON body of the answer on a raw socket."""
+    with sock, sock.makefile("rb") as reader:
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, text = line.decode().partition(":")
+            headers[name.strip().lower()] = text.strip()
+        return status, headers, json.loads(reader.read(int(headers["content-length"])))
+
+
+def test_slow_clients_time_out_holding_bytes_of_the_budget_never_a_slot(service):
+    port, good = service.server.port, list(service.images)[0]
+    small, large = 500, 9_000  # 35 x 500 + 2 x 9000 of the 40 000 in flight
+    stalled = [_stalled(port, small) for _ in range(LIMITS["max_concurrency"] + 1)]
+    stalled += [_stalled(port, large) for _ in range(2)]
+    started = time.monotonic()
+    held = 35 * small + 2 * large
     try:
         service.server.wait_for(lambda: value(service.metrics(),
-                                              "visionops_serving_predict_in_progress") == limit,
-                                f"{limit} requests in progress")
-        refused = service.post(files=service.files([good]))
+                                              "visionops_serving_bytes_in_flight") == held,
+                                "the bodies held")
+        answered = service.post(files=service.files([good]))  # every slot still free
+        over = service.post(content=b"-" * large, headers={
+            "Content-Type": "multipart/form-data; boundary=x"})
+        answers = [_answer(sock) for sock in stalled]
     finally:
-        release.set()
-        for thread in slow:
-            thread.join(timeout=60)
-    assert refused.status_code == 503
-    assert refused.json()["error"] == "overloaded" and refused.headers["Retry-After"] == "1"
-    assert [getattr(answer, "status_code", answer) for answer in answers] == [200] * limit
-    assert value(service.metrics(), "visionops_serving_predict_in_progress") == 0
+        for sock in stalled:
+            sock.close()
+    waited = time.monotonic() - started
+    assert answered.status_code == 200, answered.text
+    assert over.status_code == 503 and over.json()["error"] == "overloaded"
+    assert over.headers["Retry-After"] == "1"
+    assert "max_bytes_in_flight (40000)" in over.json()["detail"]
+    assert [(status, body["error"]) for status, _, body in answers] == [
+        (408, "read_timeout")] * len(stalled)
+    assert "serving.read_timeout_seconds" in answers[0][2]["detail"]
+    assert LIMITS["read_timeout_seconds"] <= waited < LIMITS["read_timeout_seconds"] + 20
+    after = service.metrics()
+    assert value(after, "visionops_serving_bytes_in_flight") == 0
+    assert value(after, "visionops_serving_predict_in_progress") == 0
     assert service.post(files=service.files([good])).status_code == 200
+
+
+def test_the_alias_deleted_leaves_its_version_serving_and_says_so(service):
+    server, client = service.server, service.registry.client
+    gone = value(service.metrics(), "visionops_serving_model_loads_total", outcome="alias_gone")
+    mark = len(server.output())
+    client.delete_registered_model_alias(MODEL, "champion")
+    try:
+        server.wait_for(lambda: value(service.metrics(), "visionops_serving_model_loads_total",
+                                      outcome="alias_gone") > gone, "the alias gone counted")
+        answer = service.post(files=service.files(list(service.images)[:1]))
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "1")
+    assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+    log = server.output()[mark:]
+    assert "the champion alias is gone; still serving v1" in log
+    assert "no champion yet" not in log
 
 
 def test_answers_equal_visionops_predict_on_the_same_files(service):
@@ -409,6 +522,129 @@ def test_answers_equal_visionops_predict_on_the_same_files(service):
                 assert probabilities[prediction["label"]] == prediction["probability"]
                 assert max(probabilities.values()) == prediction["probability"]
                 assert abs(sum(probabilities.values()) - 1) < 1e-4
+
+
+# -- faults injected into the same app, run in this process -----------------------------------
+FAULTS: queue.SimpleQueue = queue.SimpleQueue()  # for the next model calls, in order
+
+
+class WithFaults(Served):
+    """The loaded version; a model call first takes the next fault queued, if any: an
+    exception it raises, an Event it waits for, or anything else it answers instead."""
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        try:
+            fault = FAULTS.get_nowait()
+        except queue.Empty:
+            return super().predict(pixels)
+        if isinstance(fault, Exception):
+            raise fault
+        if isinstance(fault, threading.Event):
+            fault.wait(30)
+            return super().predict(pixels)
+        return fault
+
+
+@dataclass
+class InProcess:
+    app: App
+    url: str
+
+    def post(self, timeout: float = 20, **request) -> httpx.Response:
+        return httpx.post(self.url + "/predict", timeout=timeout, **request)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=20)
+
+
+def _wait(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def in_process(service, tmp_path_factory):
+    """create_app on the module's store under a uvicorn thread: max_concurrency 3, parts
+    over 1 MB (spooled to temporary files) taken; v1 served WithFaults."""
+    params = load_params(service.params_file, serving__max_concurrency=3,
+                         serving__max_image_bytes=2_000_000,
+                         serving__max_request_bytes=3_000_000,
+                         serving__max_bytes_in_flight=10_000_000,
+                         feedback__review_dir=str(tmp_path_factory.mktemp("review")))
+    app = create_app(params)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="in-process-uvicorn")
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        served = app.state.service.follower
+        _wait(lambda: served.current is not None and served.current.version == "1", "v1")
+        loaded = served.current
+        served.current = WithFaults(loaded.loaded, loaded.model_name, loaded.loaded_at)
+        yield InProcess(app.state.service, url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def test_a_failing_model_call_answers_500_and_the_next_request_is_answered(service,
+                                                                          in_process):
+    name = list(service.images)[0]
+    for fault in (RuntimeError("secret-in-the-exception"), None):  # raises; answers None
+        FAULTS.put(fault)
+        failed = in_process.post(files=service.files([name]))
+        assert failed.status_code == 500, failed.text
+        assert failed.json() == {"error": "prediction_failed",
+                                 "detail": "the model call failed; see the server log"}
+        answer = in_process.post(files=service.files([name]))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["label"] == service.answers["1"][name]["label"]
+    assert in_process.get("/health").json() == {"status": "ready"}
+
+
+def test_requests_past_max_concurrency_get_503_with_retry_after(service, in_process):
+    release, good, answers = threading.Event(), list(service.images)[0], []
+    FAULTS.put(release)  # the first model call waits: the requests stay in progress
+    blocked = [threading.Thread(target=lambda: answers.append(
+        in_process.post(files=service.files([good])))) for _ in range(3)]
+    for thread in blocked:
+        thread.start()
+    try:
+        _wait(lambda: in_process.app.in_progress == 3, "3 requests in progress", 30)
+        refused = in_process.post(files=service.files([good]))
+    finally:
+        release.set()
+        for thread in blocked:
+            thread.join(timeout=60)
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "overloaded" and refused.headers["Retry-After"] == "1"
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert in_process.app.in_progress == 0
+
+
+def test_a_part_that_cannot_be_spooled_gets_507(service, in_process, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # parts over 1 MB
+    refused = in_process.post(files=[("files", ("large.png", b"\x89PNG" * 400_000,
+                                                "image/png"))])
+    monkeypatch.undo()
+    assert refused.status_code == 507, refused.text
+    assert refused.json()["error"] == "insufficient_storage"
+    assert "No such file or directory" in refused.json()["detail"]
+    assert in_process.app.in_flight.held == 0
+    assert in_process.post(files=service.files(list(service.images)[:1])).status_code == 200
+
+
+def test_health_says_broken_once_the_model_thread_has_stopped(service, in_process):
+    in_process.app.batcher.stop()  # as if it had died
+    broken = {"status": "broken", "detail": "the batcher thread has stopped"}
+    for path in ("/health", "/ready"):
+        answer = in_process.get(path)
+        assert (answer.status_code, answer.json()) == (503, broken)
+    answer = in_process.post(files=service.files(list(service.images)[:1]))
+    assert answer.status_code == 503 and answer.json()["error"] == "broken"
 
 
 def test_a_summary_is_logged_and_sigterm_stops_it_cleanly(service):

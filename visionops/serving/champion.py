@@ -4,7 +4,8 @@ Every `poll_seconds` the alias is read; a version other than the one served is l
 (`load_registered_version`, the one safe way), warmed and checked with a prediction, then
 swapped in by replacing a single reference. A request reads that reference once, so it is
 answered by one whole version, never a half-loaded one. A load that fails leaves the old
-version serving and is tried again at the next poll."""
+version serving and is tried again at the next poll. A deleted alias leaves the version
+served serving too (logged once, counted as `alias_gone`)."""
 
 from __future__ import annotations
 
@@ -84,10 +85,12 @@ class ChampionFollower:
     """Holds the served version (`current`, None until the first load) and keeps it the
     champion's from a background thread."""
 
-    def __init__(self, params: Params, on_load: Callable[[str, Served | None], None]):
+    def __init__(self, params: Params, on_load: Callable[[str, Served | None], None],
+                 on_poll: Callable[[], None] = lambda: None):
         self.params = params
         self.poll_seconds = params.serving.poll_seconds
         self.on_load = on_load  # (outcome, served): counts and gauges
+        self.on_poll = on_poll  # told each poll that read the alias, once it is done
         self.current: Served | None = None
         self._registry: Registry | None = None
         self._stop = threading.Event()
@@ -102,11 +105,17 @@ class ChampionFollower:
         self._stop.set()
         self._thread.join(timeout=5)  # a load under way is left to end with the process
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _follow(self) -> None:
         import keras  # noqa: F401  the seconds of its import while no version is wanted yet
 
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # a fault of its own: logged, and the next poll tries again
+                LOGGER.exception("following the %s alias failed", CHAMPION)
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
@@ -117,17 +126,21 @@ class ChampionFollower:
         except Exception as exc:  # the tracking server down or refusing: try again later
             self._report("alias_unreadable", f"could not read the {CHAMPION} alias: {exc}")
             return
-        if champion is None:
+        if champion is None and self.current is None:
             self._report(None, f"{self.params.registry.model_name} has no {CHAMPION} yet; "
                                "waiting", level=logging.INFO)
-            return
-        version = str(champion.version)
-        if self.current is not None and self.current.version == version:
+        elif champion is None:
+            self._report("alias_gone", f"the {CHAMPION} alias is gone; still serving "
+                                       f"v{self.current.version}")
+        elif self.current is not None and self.current.version == str(champion.version):
             self._last_problem = ""
-            return
+        else:
+            self._load(str(champion.version), champion.name)
+        self.on_poll()
+
+    def _load(self, version: str, model_name: str) -> None:
         try:
-            served = ready_to_serve(load_registered_version(self.params, version),
-                                    champion.name)
+            served = ready_to_serve(load_registered_version(self.params, version), model_name)
         except Exception as exc:  # unsafe files, a network fault, a model that cannot serve
             serving = f"v{self.current.version}" if self.current else "nothing"
             self._report("failed", f"v{version} not loaded, still serving {serving}: {exc}")

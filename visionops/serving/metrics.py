@@ -39,8 +39,15 @@ class ServingMetrics:
                                    "Registered version being served (0: none yet)", registry=r)
         self.model = Info(f"{PREFIX}_model", "The version being served", registry=r)
         self.loads = Counter(f"{PREFIX}_model_loads",
-                             "Champion loads by outcome: loaded, failed (the old version "
-                             "kept serving), alias_unreadable", ["outcome"], registry=r)
+                             "Champion polls by outcome: loaded, failed (the old version "
+                             "kept serving), alias_unreadable, alias_gone (the version "
+                             "served goes on)", ["outcome"], registry=r)
+        self.last_poll = Gauge(f"{PREFIX}_last_poll_timestamp_seconds",
+                               "When a poll of the champion alias (and the load it asked "
+                               "for) last ended; a stale one: the follower hangs", registry=r)
+        self.bytes_in_flight = Gauge(f"{PREFIX}_bytes_in_flight",
+                                     "Request body bytes held (max_bytes_in_flight)",
+                                     registry=r)
         self.review_copies = Counter(f"{PREFIX}_review_copies",
                                      "Low-confidence images for review: copied, dropped "
                                      "(queue full), failed", ["outcome"], registry=r)
@@ -62,6 +69,9 @@ class ServingMetrics:
         for label, count in Tally(labels).items():
             self.predicted.labels(label).inc(count)
         self.window.labels.update(labels)
+
+    def polled(self) -> None:
+        self.last_poll.set_to_current_time()
 
     def model_loaded(self, outcome: str, served: Served | None) -> None:
         self.loads.labels(outcome).inc()

@@ -11,16 +11,11 @@ import threading
 from collections.abc import Callable
 
 from visionops.io.feedback import ReviewArea
+from visionops.serving.inputs import image_format  # its signature names the copy's suffix
 
 LOGGER = logging.getLogger("visionops.serving")
 QUEUED_COPIES = 256
 QUEUED_BYTES = 64 * 2**20
-IMAGE_FORMATS = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
-
-
-def image_format(content: bytes) -> str | None:
-    """PNG or JPEG from the file's signature, which names the copy's suffix."""
-    return next((name for magic, name in IMAGE_FORMATS if content.startswith(magic)), None)
 
 
 class ReviewCopier:
@@ -41,6 +36,9 @@ class ReviewCopier:
         except queue.Full:
             return  # a copy that hangs: the daemon thread ends with the process
         self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def offer(self, name: str, content: bytes, label: str) -> None:
         with self._lock:

@@ -10,14 +10,15 @@ import math
 import os
 import time
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from visionops.core.config import Params
-from visionops.serving.batching import Batcher
+from visionops.serving.batching import Batcher, BatcherStopped
+from visionops.serving.budget import BytesInFlight
 from visionops.serving.champion import ChampionFollower, Served
 from visionops.serving.inputs import BadInput, Upload, decode_all, read_images
 from visionops.serving.metrics import ServingMetrics
@@ -35,11 +36,15 @@ class Service:
         self.limits = params.serving
         self.threshold = params.feedback.confidence_threshold
         self.metrics = ServingMetrics()
-        self.follower = ChampionFollower(params, self.metrics.model_loaded)
+        self.follower = ChampionFollower(params, self.metrics.model_loaded, self.metrics.polled)
         self.batcher = Batcher(self.limits.max_batch, self.limits.batch_wait_ms / 1000,
                                self.metrics.batch_images.observe)
         self.copier = ReviewCopier(params.review_dir, self.metrics.review_copy)
+        self.in_flight = BytesInFlight(self.limits.max_bytes_in_flight,
+                                       self.metrics.bytes_in_flight.set)
         self.in_progress = 0  # /predict requests; read and changed on the event loop only
+        # decodes at once: a large photo takes ~200 MB while decoded, whatever its bytes
+        self.decoders = anyio.CapacityLimiter(os.cpu_count() or 2)
         self.retry_after = str(max(1, math.ceil(self.limits.poll_seconds)))
 
     @contextlib.asynccontextmanager
@@ -64,36 +69,68 @@ class Service:
 
     # -- endpoints -------------------------------------------------------------------------
     async def predict(self, request: Request) -> JSONResponse:
-        """Images in a multipart form (field `files`) or JSON base64; each one's label."""
-        if self.in_progress >= self.limits.max_concurrency:
-            return self._refuse(503, "overloaded", f"{self.limits.max_concurrency} requests "
-                                "in progress already (max_concurrency)", retry_after="1")
+        """Images in a multipart form (field `files`) or JSON base64; each one's label.
+        The body is read (within its limits) before a slot of max_concurrency is taken,
+        so slow clients hold bytes of the budget, never a slot."""
         served = self.follower.current  # one version answers the whole request
         if served is None:
             return self._refuse(503, "loading", "no model loaded yet",
                                 retry_after=self.retry_after)
-        self.in_progress += 1
-        self.metrics.in_progress.set(self.in_progress)
-        try:
-            uploads = await read_images(request, self.limits)
-            pixels = await run_in_threadpool(decode_all, uploads, served.size, served.channels)
-            answers = self.batcher.submit(served, pixels)
-            probabilities = np.concatenate([await asyncio.wrap_future(a) for a in answers])
-        except BadInput as exc:
-            return self._refuse(exc.status, exc.reason, exc.message)
-        except Exception:
-            LOGGER.exception("a request to %s v%s failed", served.model_name, served.version)
-            return self._refuse(500, "internal_error", "the request failed; see the server log")
-        finally:
-            self.in_progress -= 1
+        with self.in_flight.reserve() as held:
+            try:
+                uploads = await read_images(request, self.limits, held)
+            except BadInput as exc:
+                return self._refuse(exc.status, exc.reason, exc.message, exc.retry_after)
+            except Exception:
+                LOGGER.exception("reading a request failed")
+                return self._refuse(500, "internal_error",
+                                    "the request failed; see the server log")
+            if self.in_progress >= self.limits.max_concurrency:
+                return self._refuse(503, "overloaded", f"{self.limits.max_concurrency} "
+                                    "requests in progress already (max_concurrency)",
+                                    retry_after="1")
+            self.in_progress += 1
             self.metrics.in_progress.set(self.in_progress)
-        return JSONResponse({**self._identity(served),
-                             "predictions": self._predictions(served, uploads, probabilities)})
+            try:
+                pixels = await anyio.to_thread.run_sync(
+                    decode_all, uploads, served.size, served.channels, self.params.validation,
+                    limiter=self.decoders)
+                probabilities = await self._predict(served, pixels)
+            except BadInput as exc:
+                return self._refuse(exc.status, exc.reason, exc.message, exc.retry_after)
+            except Exception:
+                LOGGER.exception("a request to %s v%s failed", served.model_name,
+                                 served.version)
+                return self._refuse(500, "internal_error",
+                                    "the request failed; see the server log")
+            finally:
+                self.in_progress -= 1
+                self.metrics.in_progress.set(self.in_progress)
+            return JSONResponse({**self._identity(served), "predictions": self._predictions(
+                served, uploads, probabilities)})
 
-    async def health(self) -> dict:
-        return {"status": "loading" if self.follower.current is None else "ready"}
+    async def _predict(self, served: Served, pixels: np.ndarray) -> np.ndarray:
+        """The batcher's answer; BadInput if the model call failed (logged there)."""
+        try:
+            answers = self.batcher.submit(served, pixels)
+            return np.concatenate([await asyncio.wrap_future(a) for a in answers])
+        except BatcherStopped:
+            raise BadInput(503, "broken", "the model thread has stopped; the service "
+                                          "needs a restart") from None
+        except Exception:
+            raise BadInput(500, "prediction_failed", "the model call failed; see the "
+                                                     "server log") from None
+
+    async def health(self) -> JSONResponse:
+        """Liveness: 503 once a thread the service needs has ended."""
+        if broken := self._broken():
+            return broken
+        return JSONResponse({"status": "loading" if self.follower.current is None
+                             else "ready"})
 
     async def ready(self) -> JSONResponse:
+        if broken := self._broken():
+            return broken
         if self.follower.current is None:
             return JSONResponse({"status": "loading"}, 503,
                                 headers={"Retry-After": self.retry_after})
@@ -110,6 +147,16 @@ class Service:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _broken(self) -> JSONResponse | None:
+        """503 `broken` naming a thread the service needs that has ended, else None."""
+        for name, alive in (("batcher", self.batcher.alive),
+                            ("champion-follower", self.follower.alive),
+                            ("review-copier", self.copier.alive)):
+            if not alive():
+                return JSONResponse({"status": "broken",
+                                     "detail": f"the {name} thread has stopped"}, 503)
+        return None
+
     def _predictions(self, served: Served, uploads: list[Upload], probabilities: np.ndarray
                      ) -> list[dict]:
         rows = []
