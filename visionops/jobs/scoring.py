@@ -185,11 +185,9 @@ class PredictionsFile:
 
 def batch_size(champion) -> int:
     """The prediction step `visionops predict` uses (visionops.core.predict)."""
-    from visionops.core.pipeline import model_input
-    from visionops.core.predict import INPUT_VALUES_PER_STEP
+    from visionops.core.predict import predict_step
 
-    size, channels = model_input(champion.model)
-    return min(1024, max(32, INPUT_VALUES_PER_STEP // (size * size * channels)))
+    return predict_step(champion.model)
 
 
 def probability_batches(champion, paths: list, skipped: dict[int, str], step: int
