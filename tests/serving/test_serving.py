@@ -154,6 +154,7 @@ def test_promotion_and_rollback_are_followed_without_a_failed_request(service):
         with httpx.Client(base_url=server.url, timeout=30) as http:
             while not stop.is_set():
                 chosen = pick.sample(names, pick.randint(1, 4))
+                started = time.monotonic()
                 try:
                     answer = http.post("/predict", files=service.files(chosen))
                 except httpx.HTTPError as exc:
@@ -162,20 +163,27 @@ def test_promotion_and_rollback_are_followed_without_a_failed_request(service):
                 if answer.status_code != 200:
                     failed.append(f"{answer.status_code} {answer.text}")
                     continue
-                answered.append((chosen, answer.json()))
+                answered.append((started, time.monotonic(), chosen, answer.json()))
 
-    def versions() -> list[str]:
-        return [body["model_version"] for _, body in list(answered)]
+    def switched(version: str, moved_at: float) -> float | None:
+        """When the first request sent after the alias moved, answered by `version`,
+        came back: every request sent later found `version` in place."""
+        ends = [end for start, end, _, body in list(answered)
+                if start > moved_at and body["model_version"] == version]
+        return min(ends) if ends else None
 
     clients = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
     for thread in clients:
         thread.start()
     try:
-        server.wait_for(lambda: "1" in versions(), "an answer of v1")
+        server.wait_for(lambda: any(body["model_version"] == "1" for *_, body in answered),
+                        "an answer of v1")
+        promoted = time.monotonic()
         service.registry.promote("2", "a newer version", "serving-tests")
-        server.wait_for(lambda: "2" in versions(), "an answer of v2")
+        server.wait_for(lambda: switched("2", promoted), "an answer of v2")
+        rolled_back = time.monotonic()
         service.registry.rollback("back to v1", "serving-tests")
-        server.wait_for(lambda: "1" in versions()[versions().index("2"):], "v1 again")
+        server.wait_for(lambda: switched("1", rolled_back), "v1 again")
         seen = len(answered)
         server.wait_for(lambda: len(answered) > seen + 8, "more answers")
     finally:
@@ -184,10 +192,17 @@ def test_promotion_and_rollback_are_followed_without_a_failed_request(service):
             thread.join(timeout=60)
 
     assert failed == []
-    served = versions()
-    assert served[0] == "1" and "2" in served and served[-1] == "1"
-    assert set(served) == {"1", "2"}
-    for chosen, body in answered:  # each request answered whole by the version it names
+    # A request is answered by the version in place when it arrived: the ones in flight
+    # at a swap may come back after it, but none sent once a swap was seen is answered
+    # by the version before it.
+    to_v2, to_v1 = switched("2", promoted), switched("1", rolled_back)
+    by_sending = sorted(answered, key=lambda answer: answer[0])
+    assert by_sending[0][3]["model_version"] == "1"
+    assert {body["model_version"] for start, _, _, body in by_sending
+            if to_v2 < start < rolled_back} <= {"2"}
+    after = [body["model_version"] for start, _, _, body in by_sending if start > to_v1]
+    assert after and set(after) == {"1"}
+    for _, _, chosen, body in answered:  # each request answered whole by the version it names
         own = service.answers[body["model_version"]]
         assert [p["name"] for p in body["predictions"]] == chosen
         assert [p["label"] for p in body["predictions"]] == [own[n]["label"] for n in chosen]
