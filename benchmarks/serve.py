@@ -451,7 +451,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 8 epochs (3 fell below the gate once), 1 s warm-up, 3 s a row, one repetition, "
+                        help="a smoke run: 8 epochs, 1 s warm-up, 3 s a row, one repetition, "
                              "MLflow's default worker count only")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
