@@ -171,6 +171,13 @@ def predict_files(model, paths: Sequence[str | Path], contract: str,
         yield np.asarray(model.predict_on_batch(batch))
 
 
+def predict_pixels(model, pixels: np.ndarray, contract: str) -> np.ndarray:
+    """The model's outputs for uint8 pixels (N, size, size, channels) in one call, scaled
+    as its input contract says: decoded images in memory, where `predict_files` streams
+    files."""
+    return np.asarray(model.predict_on_batch(scale_for(pixels, contract)))
+
+
 def _cache_name(paths: list[str], labels: np.ndarray | None, image_size: int,
                 channels: int) -> str:
     digest = hashlib.sha256(f"{image_size}:{channels}:{DECODING}\n".encode())

@@ -183,13 +183,6 @@ class PredictionsFile:
         self.temporary.unlink(missing_ok=True)
 
 
-def batch_size(champion) -> int:
-    """The prediction step `visionops predict` uses (visionops.core.predict)."""
-    from visionops.core.predict import predict_step
-
-    return predict_step(champion.model)
-
-
 def probability_batches(champion, paths: list, skipped: dict[int, str], step: int
                         ) -> Iterator[tuple[list[int], np.ndarray]]:
     """(indices into `paths`, the champion's class probabilities for them), a batch at a
@@ -213,7 +206,7 @@ def probability_batches(champion, paths: list, skipped: dict[int, str], step: in
 
 
 def _one_by_one(champion, paths: list, indices: range, skipped: dict[int, str]):
-    from visionops.core.pipeline import UnreadableImage, decode_image, model_input, scale_for
+    from visionops.core.pipeline import UnreadableImage, decode_image, model_input, predict_pixels
 
     size, channels = model_input(champion.model)
     kept, pixels = [], []
@@ -225,8 +218,7 @@ def _one_by_one(champion, paths: list, indices: range, skipped: dict[int, str]):
             skipped[index] = ("gone since it was listed" if not Path(paths[index]).exists()
                               else str(exc).removeprefix(f"{paths[index]}: "))
     if kept:
-        inputs = scale_for(np.stack(pixels), champion.input_contract)
-        yield kept, np.asarray(champion.model.predict_on_batch(inputs))
+        yield kept, predict_pixels(champion.model, np.stack(pixels), champion.input_contract)
 
 
 @dataclass
@@ -282,11 +274,13 @@ def score_images(champion, root, files: list[str], images: list, formats: list,
     stops the batch. `log(done, total, seconds)` is called every PROGRESS_EVERY images."""
     import time
 
+    from visionops.core.predict import predict_step
+
     started, done, labels, skipped = time.monotonic(), 0, [], {}
     tally = ReviewTally()
     paths = [root / name for name in files]
     for indices, batch in probability_batches(champion, paths, skipped, step or
-                                              batch_size(champion)):
+                                              predict_step(champion.model)):
         predictions.write([images[index].location for index in indices], batch)
         for index, row in zip(indices, batch, strict=True):
             best = int(np.argmax(row))

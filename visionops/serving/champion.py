@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from visionops.core.config import Params
-from visionops.core.pipeline import model_input, scale_for
+from visionops.core.pipeline import model_input, predict_pixels
 from visionops.io.models import LoadedVersion, load_registered_version
 from visionops.io.registry import CHAMPION, Registry
 
@@ -57,8 +57,7 @@ class Served:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) for uint8 pixels (N, size, size, channels)."""
-        inputs = scale_for(pixels, self.loaded.input_contract)
-        return np.asarray(self.loaded.model.predict_on_batch(inputs))
+        return predict_pixels(self.loaded.model, pixels, self.loaded.input_contract)
 
     def describe(self) -> dict:
         return {"model_name": self.model_name, "model_version": self.version,
