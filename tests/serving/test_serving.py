@@ -251,8 +251,13 @@ def _png_saying(width: int, height: int) -> bytes:
 
 
 def _chunked(size: int):
+    """A multipart body sent without a Content-Length: one file part, as a form parser
+    reads on through it, in 1,000-byte chunks (garbage would be refused as soon as the
+    parser saw it, however few bytes had come)."""
+    yield (b'--x\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+           b"Content-Type: image/png\r\n\r\n")
     for _ in range(size // 1000):
-        yield b"-" * 1000
+        yield b"\0" * 1000
 
 
 def _file(name: str, content: bytes, kind: str = "image/png") -> dict:
